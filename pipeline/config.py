@@ -1,0 +1,316 @@
+"""The run configuration: one YAML file for the whole cycle, typed and strict.
+
+Sections ``data``, ``augment``, ``model``, ``train``, ``predict``, ``registry``,
+``storage``, ``ray``. The defaults below are the embedded default (digits on a
+2-core machine) and double as documentation: every field says its unit and why.
+
+Unknown keys and wrong types raise :class:`ConfigError` (a ``UserError``: exit 2)
+naming the key and the valid ones. ``--set section.key=value`` overrides parse the
+value as YAML (``--set train.epochs=3``, ``--set augment.mean=[0.5,0.5,0.5]``).
+The resolved config is saved with every run and every registered model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import UserError
+
+
+class ConfigError(UserError):
+    """Invalid configuration (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class DataConfig:
+    manifest: str | None = None  # URI of a packed dataset (the folder holding manifest.json)
+    image_size: int = 32  # px, side of the square model input
+    max_bad_fraction: float = 0.01  # fail a job when more than this share of images is bad
+    shard_rows: int = 0  # rows per shard when packing; 0 -> by shard_mb
+    shard_mb: float = 128.0  # MB target per shard when shard_rows is 0
+    val_fraction: float = 0.15  # of each class, for `pack`
+    test_fraction: float = 0.15  # of each class; the frozen holdout
+    shuffle_buffer: int = 2048  # rows in each training worker's local shuffle window
+    incoming: str | None = None  # prefix of nightly folders dt=YYYY-MM-DD/<class>/... (retrain)
+
+
+@dataclass
+class AugmentConfig:
+    preset: Literal["digits", "imagenet", "none"] = "digits"  # train-time recipe family
+    pad: int = 3  # px of zero padding before the random crop (digits: shift +-3 px)
+    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
+    hflip: bool = False  # off for digits: a mirrored 2 is not a 2
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area (imagenet)
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength
+    auto_augment: Literal["none", "trivial", "rand"] = "none"
+    mixup_alpha: float = 0.0  # 0 disables mixup
+    cutmix_alpha: float = 0.0  # 0 disables cutmix
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per channel, 0..1 scale
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    actors: int = 1  # decode+augment actors in the Ray Data pool
+    batch_size: int = 256  # images per map_batches call in the augment actors
+    device: Literal["cpu", "cuda"] = "cpu"  # cuda: decode + augment inside the GPU worker
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "smallcnn"  # 'smallcnn' or any torchvision classification model name
+    pretrained: str | None = None  # torchvision weights name, a state-dict URI, or NAME@vN
+    dropout: float = 0.0  # before the classifier (smallcnn)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 16
+    batch_size: int = 64  # images per worker per step
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.4  # per 256 images of global batch (scaled linearly)
+    head_lr_mult: float = 1.0  # classifier lr = lr * head_lr_mult (transfer learning)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # not applied to norms and biases
+    warmup_epochs: float = 1.0  # linear warmup, then cosine to zero
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max grad norm; 0 disables
+    ema_decay: float = 0.0  # e.g. 0.999; 0 disables the EMA copy
+    early_stopping_patience: int = 0  # epochs without val improvement; 0 disables
+    freeze_backbone_epochs: int = 0  # train only the head for this many epochs
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    cpus_per_worker: float | None = None  # None: share the cluster, leaving room for Ray Data
+    use_gpu: bool = False
+    max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
+    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0: each epoch only
+    num_to_keep: int = 2  # checkpoints kept besides the best
+    seed: int = 0  # seeds init, shuffling and augmentation
+    run_name: str | None = None  # reuse a name to resume that run
+    storage: str = "runs"  # URI under which runs live
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    channels_last: bool = True  # on GPU
+    compile: bool = False  # torch.compile on GPU
+    torch_threads: int = 1  # intra-op threads per worker on CPU (workers share cores)
+
+
+@dataclass
+class PredictConfig:
+    batch_size: int = 256  # images per model call
+    topk: int = 5
+    rows_per_file: int = 100_000  # target rows per output Parquet file
+    decode_actors: int = 1  # CPU actors decoding + resizing
+    model_actors: int = 1  # actors holding the model
+    num_gpus: float = 0.0  # per model actor; 0 runs on CPU
+    gpu_decode: bool = False  # decode JPEG on the GPU (nvJPEG) inside the model actors
+    compile: bool = False  # torch.compile the model (GPU)
+    skip_existing: bool = False  # score only images not yet scored by this model version
+
+
+@dataclass
+class RegistryConfig:
+    uri: str = "registry"  # URI of the registry root
+    name: str = "digits"  # model name in the registry
+    min_improvement: float = 0.0  # holdout accuracy a challenger must gain to be promoted
+
+
+@dataclass
+class S3Config:
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto...); None: AWS
+    anon: bool = False
+
+
+@dataclass
+class StorageConfig:
+    s3: S3Config = field(default_factory=S3Config)
+    retries: int = 6  # attempts for transient faults (503 SlowDown, 500)
+    backoff_s: float = 0.2  # first retry delay, doubled each attempt
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray instance (or join RAY_ADDRESS)
+    num_cpus: int | None = None  # local instance only; None: all cores
+    stall_timeout_s: float = 900.0  # fail when no batch moves for this long
+    resource_wait_s: float = 60.0  # autoscaling clusters: wait this long for resources
+    verbose: bool = False  # show Ray's own INFO logs
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ----------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key '{key}' must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            where = f"in '{prefix}'" if prefix else "at top level"
+            raise ConfigError(f"unknown config key '{key}'; valid keys {where}: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    obj = cls(**kwargs)
+    return obj
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Build and validate a :class:`Config` from a (partial) mapping."""
+    return _build(Config, data or {})
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def set_key(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override to a raw mapping (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    parts = dotted.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+         base: dict[str, Any] | None = None) -> Config:
+    """Read YAML at ``path`` (a URI), apply ``overrides``, validate."""
+    data: dict[str, Any] = dict(base or {})
+    if path:
+        from pipeline import storage
+
+        try:
+            text = storage.read_text(path)
+        except storage.NotFound:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = _merge(data, loaded)
+    for a in overrides:
+        set_key(data, a)
+    cfg = from_dict(data)
+    validate(cfg)
+    return cfg
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Value checks beyond types."""
+    checks = [
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
+        (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
+        (0 < cfg.data.val_fraction + cfg.data.test_fraction < 1,
+         "data.val_fraction + data.test_fraction must be in (0, 1)"),
+        (len(cfg.augment.mean) == 3 and len(cfg.augment.std) == 3, "augment.mean and augment.std need 3 values"),
+        (cfg.predict.topk >= 1, "predict.topk must be >= 1"),
+        (cfg.predict.batch_size >= 1, "predict.batch_size must be >= 1"),
+        (cfg.predict.rows_per_file >= 1, "predict.rows_per_file must be >= 1"),
+        (cfg.augment.actors >= 1 and cfg.predict.decode_actors >= 1 and cfg.predict.model_actors >= 1,
+         "actor pool sizes must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def storage_options(cfg: Config):
+    """The :class:`pipeline.storage.StorageOptions` this config asks for."""
+    from pipeline.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=cfg.storage.s3.endpoint_url, anon=cfg.storage.s3.anon,
+                          retries=cfg.storage.retries, backoff_s=cfg.storage.backoff_s)
