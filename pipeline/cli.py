@@ -1,0 +1,251 @@
+"""The ``imgpipe`` command (also ``python -m pipeline``): argument parsing and exit codes.
+
+Thin by design: each subcommand parses its flags and calls one function of the
+library. Exit codes: 0 success; 2 bad input (one line, no traceback); 1 a failure
+while running. The last stdout line of train, evaluate, predict, pack, retrain and
+demo is one JSON object (the summary); ``--summary FILE`` also writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+from pipeline.errors import JobFailed, UserError
+
+log = logging.getLogger("imgpipe")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("config", metavar="CONFIG", help="YAML config (local path or URI)")
+    else:
+        p.add_argument("--config", metavar="CONFIG", help="YAML config (storage, ray, ... sections)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+
+
+def _add_summary_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--summary", metavar="FILE", help="also write the summary JSON to FILE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgpipe",
+        description="Image classification at cluster scale on Ray: pack, train, evaluate, predict, registry.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own INFO logs")
+    parser.add_argument("--quiet", action="store_true", help="no progress output; only the summary line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="whole cycle on scikit-learn's digits, on a local Ray instance")
+    p.add_argument("--workdir", default="imgpipe-demo", help="folder for the bucket, runs, registry (default: %(default)s)")
+    _add_summary_flag(p)
+    _add_config_flags(p)
+
+    p = sub.add_parser("pack", help="list SRC (ImageFolder prefix, CSV/Parquet listing, or shard set) into Parquet shards")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: by data.shard_mb)")
+    p.add_argument("--val", type=float, default=None, help="validation fraction per class (default 0.15)")
+    p.add_argument("--test", type=float, default=None, help="test fraction per class (default 0.15)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    _add_summary_flag(p)
+    _add_config_flags(p)
+
+    p = sub.add_parser("train", help="Ray Train run; prints final metrics as JSON")
+    _add_config_flags(p, positional=True)
+    _add_summary_flag(p)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a model on a split")
+    p.add_argument("--model", required=True, metavar="MODEL", help="NAME@champion, NAME@vN or a checkpoint URI")
+    p.add_argument("--data", required=True, metavar="MANIFEST", help="packed dataset (folder of manifest.json)")
+    p.add_argument("--split", default="test")
+    _add_summary_flag(p)
+    _add_config_flags(p)
+
+    p = sub.add_parser("predict", help="batch inference into Parquet")
+    p.add_argument("--model", required=True, metavar="MODEL", help="NAME@champion, NAME@vN or a checkpoint URI")
+    p.add_argument("--input", required=True, metavar="SRC", help="image prefix, listing file, or MANIFEST:split")
+    p.add_argument("--output", required=True, metavar="DST")
+    p.add_argument("--topk", type=int, default=None, help="top-k labels and scores per image (default 5)")
+    p.add_argument("--rows-per-file", type=int, default=None, help="target rows per output file")
+    p.add_argument("--skip-existing", action="store_true", default=None,
+                   help="score only images not yet scored by this model version in DST")
+    _add_summary_flag(p)
+    _add_config_flags(p)
+
+    p = sub.add_parser("models", help="the model registry: list, show, promote, rollback")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    m = msub.add_parser("list", help="versions of a model (or all models)")
+    m.add_argument("name", nargs="?")
+    m = msub.add_parser("show", help="one version's metadata")
+    m.add_argument("ref", metavar="NAME@vN|NAME@champion")
+    m = msub.add_parser("promote", help="make a version the champion")
+    m.add_argument("ref", metavar="NAME@vN")
+    m = msub.add_parser("rollback", help="restore the previous champion")
+    m.add_argument("name")
+    for m in msub.choices.values():
+        m.add_argument("--registry", help="registry URI (default: registry.uri of the config)")
+        _add_config_flags(m)
+
+    p = sub.add_parser("retrain", help="nightly retraining: new data, warm start, gate, promote, re-score")
+    _add_config_flags(p, positional=True)
+    p.add_argument("--date", required=True, metavar="YYYY-MM-DD")
+    _add_summary_flag(p)
+
+    p = sub.add_parser("submit", help="run an imgpipe command as a Ray job on a cluster")
+    p.add_argument("--address", required=True, metavar="URL", help="Ray dashboard address, e.g. http://head:8265")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
+    p.add_argument("--submission-id", default=None, help="fixed id: a second submission is a no-op")
+    p.add_argument("--working-dir", default=None, help="project folder shipped to the cluster (default: this project)")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS...")
+    return parser
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+def _config(args: argparse.Namespace, extra: list[str] | None = None):
+    from pipeline import config, storage
+
+    cfg = config.load(getattr(args, "config", None), list(getattr(args, "overrides", [])) + (extra or []))
+    storage.configure(config.storage_options(cfg))
+    if getattr(args, "verbose", False):
+        cfg.ray.verbose = True
+    return cfg
+
+
+def _cmd_demo(args):
+    from pipeline import demo
+
+    return demo.run(args.workdir, cfg=_config(args), quiet=args.quiet)
+
+
+def _cmd_pack(args):
+    from pipeline import shards
+
+    extra = []
+    if args.shard_rows is not None:
+        extra.append(f"data.shard_rows={args.shard_rows}")
+    if args.val is not None:
+        extra.append(f"data.val_fraction={args.val}")
+    if args.test is not None:
+        extra.append(f"data.test_fraction={args.test}")
+    cfg = _config(args, extra)
+    return shards.pack(args.src, args.dst, cfg, seed=args.seed, quiet=args.quiet)
+
+
+def _cmd_train(args):
+    from pipeline import train
+
+    return train.run(_config(args), quiet=args.quiet)
+
+
+def _cmd_evaluate(args):
+    from pipeline import evaluate
+
+    return evaluate.run(args.model, args.data, args.split, _config(args), quiet=args.quiet)
+
+
+def _cmd_predict(args):
+    from pipeline import predict
+
+    extra = []
+    if args.topk is not None:
+        extra.append(f"predict.topk={args.topk}")
+    if args.rows_per_file is not None:
+        extra.append(f"predict.rows_per_file={args.rows_per_file}")
+    if args.skip_existing:
+        extra.append("predict.skip_existing=true")
+    return predict.run(args.model, args.input, args.output, _config(args, extra), quiet=args.quiet)
+
+
+def _cmd_models(args):
+    from pipeline import registry
+
+    cfg = _config(args)
+    uri = args.registry or cfg.registry.uri
+    action = args.models_command
+    if action == "list":
+        return registry.list_versions(uri, args.name)
+    if action == "show":
+        return registry.show(uri, args.ref)
+    if action == "promote":
+        return registry.promote(uri, args.ref)
+    if action == "rollback":
+        return registry.rollback(uri, args.name)
+    raise UserError(f"unknown models action {action}; valid: list, show, promote, rollback")
+
+
+def _cmd_retrain(args):
+    from pipeline import retrain
+
+    return retrain.run(_config(args), args.date, quiet=args.quiet)
+
+
+def _cmd_submit(args):
+    from pipeline import submit
+
+    rest = list(args.args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest:
+        raise UserError("submit needs a command after '--', e.g. imgpipe submit --address URL -- train cfg.yaml")
+    return submit.run(args.address, rest, wait=args.wait, submission_id=args.submission_id,
+                      working_dir=args.working_dir, quiet=args.quiet)
+
+
+HANDLERS = {
+    "demo": _cmd_demo, "pack": _cmd_pack, "train": _cmd_train, "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict, "models": _cmd_models, "retrain": _cmd_retrain, "submit": _cmd_submit,
+}
+
+
+def _emit(result: Any, summary_path: str | None) -> None:
+    if result is None:
+        return
+    line = json.dumps(result, sort_keys=True, default=str)
+    if summary_path:
+        from pipeline import storage
+
+        storage.write_bytes(summary_path, (json.dumps(result, indent=2, sort_keys=True, default=str) + "\n").encode())
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    if not args.verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    try:
+        result = HANDLERS[args.command](args)
+        _emit(result, getattr(args, "summary", None))
+        return 0
+    except UserError as e:
+        print(f"imgpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgpipe: interrupted", file=sys.stderr)
+        return 130
+    except JobFailed as e:
+        print(f"imgpipe: failed: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - top level: report the cause, exit 1
+        if args.verbose or os.environ.get("IMGPIPE_TRACEBACK"):
+            traceback.print_exc()
+        else:
+            tb = traceback.extract_tb(e.__traceback__)
+            where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+            print(f"imgpipe: failed: {type(e).__name__}: {e}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

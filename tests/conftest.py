@@ -1,0 +1,67 @@
+"""Shared fixtures: a real HTTP S3 endpoint (moto server on 127.0.0.1), a local Ray
+instance sized like the CI machine, and small real datasets (scikit-learn digits)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Dummy credentials for the moto server; never real ones.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; yields its endpoint URL. Sets AWS_ENDPOINT_URL so
+    that Ray workers started afterwards (they inherit the environment) reach it too."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    old = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    server.stop()
+    if old is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = old
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket; yields ``s3://NAME``."""
+    from pipeline import storage
+
+    storage.configure(storage.StorageOptions(endpoint_url=s3_server))
+    fs, _ = storage.filesystem("s3://x")
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(name)
+    yield f"s3://{name}"
+    storage.configure(storage.StorageOptions())
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with 2 logical CPUs: the CI machine's shape."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
