@@ -101,8 +101,8 @@ def test_corrupt_stream_carries_pil_message_on_one_line() -> None:
     data[idat + 20 : idat + 40] = b"\xff" * 20  # IDAT CRC no longer matches
     with pytest.raises(ImageError) as info:
         decode_rgb(bytes(data))
-    assert info.value.reason in ("not_an_image", "truncated")
-    assert "\n" not in str(info.value) and ":" in str(info.value)
+    assert info.value.reason == "not_an_image"
+    assert "\n" not in str(info.value) and "broken data stream" in str(info.value)
 
 
 def test_image_error_pickles_with_reason() -> None:
