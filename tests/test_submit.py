@@ -187,20 +187,23 @@ def _last_json(text: str) -> dict:
 # ------------------------------------------------------------------------- tests
 
 
-def test_successful_job_subprocess(head):
+def test_successful_job_subprocess(head, tmp_path):
+    registry = tmp_path / "registry"
     env = _client_env(head.token)
     env["RAY_ADDRESS"] = "http://127.0.0.1:1"  # an explicit --address wins over the environment
     r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--address", head.address, "--wait",
-                        "--", "pack", "--help"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--", "models", "list", "--registry", str(registry)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = _last_json(r.stdout)
     assert summary["status"] == "SUCCEEDED"
     assert summary["duplicate"] is False
-    assert summary["entrypoint"] == "python -m pipeline pack --help"
+    assert summary["entrypoint"] == f"python -m pipeline models list --registry {registry}"
     assert summary["address"] == head.address
     # the job ran this project's CLI on the cluster, and its logs were streamed to stderr
-    assert "usage: imgpipe pack" in r.stderr
-    assert "usage: imgpipe pack" in head.client().get_job_logs(summary["submission_id"])
+    expected = json.dumps({"models": [], "registry": str(registry)}, sort_keys=True)
+    assert expected in r.stderr
+    assert expected in head.client().get_job_logs(summary["submission_id"])
 
 
 def test_failing_job_exits_1_with_its_last_log_lines(client_env, capsys):
@@ -215,10 +218,11 @@ def test_failing_job_exits_1_with_its_last_log_lines(client_env, capsys):
     assert out.strip() == ""  # no summary on failure
 
 
-def test_duplicate_submission_id_is_a_noop(client_env, capsys):
+def test_duplicate_submission_id_is_a_noop(client_env, capsys, tmp_path):
     client = client_env.client()
     sid = f"dup-{uuid.uuid4().hex[:8]}"
-    rc = cli.main(["submit", "--address", client_env.address, "--submission-id", sid, "--", "pack", "--help"])
+    cmd = ["--", "models", "list", "--registry", str(tmp_path)]
+    rc = cli.main(["submit", "--address", client_env.address, "--submission-id", sid, *cmd])
     out, err = capsys.readouterr()
     assert rc == 0, err
     first = _last_json(out)
@@ -226,8 +230,7 @@ def test_duplicate_submission_id_is_a_noop(client_env, capsys):
     assert first["status"] in {"PENDING", "RUNNING", "SUCCEEDED"}  # without --wait: returns at once
     n_jobs = len(client.list_jobs())
 
-    rc = cli.main(["submit", "--address", client_env.address, "--wait", "--submission-id", sid,
-                   "--", "pack", "--help"])
+    rc = cli.main(["submit", "--address", client_env.address, "--wait", "--submission-id", sid, *cmd])
     out, err = capsys.readouterr()
     assert rc == 0, err
     second = _last_json(out)
