@@ -39,9 +39,15 @@ PASS_ENV = ("AWS_ENDPOINT_URL",)  # forwarded to the job when set here; never cr
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def project_root() -> Path:
-    """The folder that holds the ``pipeline`` package: what is shipped to the cluster."""
-    return Path(__file__).resolve().parent.parent
+def project_root(package_dir: Path | None = None) -> Path | None:
+    """The source checkout holding the ``pipeline`` package (what is shipped to the
+    cluster), or None when imgpipe is installed as a package (site-packages is no
+    project: the cluster's image is expected to have imgpipe installed, as in
+    cluster/kuberay)."""
+    parent = (package_dir or Path(__file__).resolve().parent).parent
+    if (parent / "pyproject.toml").is_file() and parent.name not in ("site-packages", "dist-packages"):
+        return parent
+    return None
 
 
 def normalize_address(address: str) -> str:
@@ -149,12 +155,19 @@ def _quiet_ray_logs() -> None:
 
 
 def runtime_env(working_dir: str | None = None) -> dict[str, Any]:
-    """The job's runtime_env: this project as working_dir, minus data and caches."""
-    root = Path(working_dir).expanduser() if working_dir else project_root()
-    if not root.is_dir():
-        raise UserError(f"--working-dir {working_dir}: not a folder")
+    """The job's runtime_env: this project as working_dir (minus data and caches), and
+    AWS_ENDPOINT_URL when set here. Without a source checkout and without
+    ``working_dir``, nothing is shipped: the cluster runs its installed imgpipe."""
+    if working_dir:
+        root: Path | None = Path(working_dir).expanduser()
+        if not root.is_dir():
+            raise UserError(f"--working-dir {working_dir}: not a folder")
+    else:
+        root = project_root()
+    out: dict[str, Any] = {}
+    if root is not None:
+        out = {"working_dir": str(root.resolve()), "excludes": list(EXCLUDES)}
     env = {k: os.environ[k] for k in PASS_ENV if os.environ.get(k)}
-    out: dict[str, Any] = {"working_dir": str(root.resolve()), "excludes": list(EXCLUDES)}
     if env:
         out["env_vars"] = env
     return out
@@ -207,8 +220,12 @@ def run(address: str, argv: list[str], *, wait: bool = False, submission_id: str
         duplicate = True
         _say(f"imgpipe: job {submission_id} already exists ({status}); not submitting again", quiet)
     else:
+        if "working_dir" not in env:
+            _say("imgpipe: no source checkout here and no --working-dir: the job runs the imgpipe "
+                 "installed on the cluster", quiet)
         try:
-            submission_id = client.submit_job(entrypoint=cmd, runtime_env=env, submission_id=submission_id)
+            submission_id = client.submit_job(entrypoint=cmd, runtime_env=env or None,
+                                              submission_id=submission_id)
         except RuntimeError as e:
             # Lost a race with another submitter using the same fixed id: same outcome.
             if submission_id and "already exists" in str(e):

@@ -299,6 +299,19 @@ def test_runtime_env_ships_the_project_without_data(monkeypatch, tmp_path):
     assert submit.runtime_env(str(tmp_path))["working_dir"] == str(tmp_path.resolve())
 
 
+def test_installed_package_ships_no_working_dir(tmp_path):
+    """A regular install (site-packages/pipeline) is no project: shipping site-packages
+    would upload gigabytes; the cluster runs its installed imgpipe instead."""
+    site = tmp_path / "lib" / "site-packages"
+    (site / "pipeline").mkdir(parents=True)
+    assert submit.project_root(site / "pipeline") is None
+    (tmp_path / "src" / "pipeline").mkdir(parents=True)
+    assert submit.project_root(tmp_path / "src" / "pipeline") is None  # no pyproject.toml
+    (tmp_path / "src" / "pyproject.toml").write_text("[project]\nname = 'imgpipe'\n")
+    assert submit.project_root(tmp_path / "src" / "pipeline") == tmp_path / "src"
+    assert submit.project_root() == ROOT
+
+
 def test_entrypoint_is_shell_quoted():
     cmd = submit.entrypoint(["train", "my cfg.yaml", "--set", "train.run_name=a b"])
     assert cmd == "python -m pipeline train 'my cfg.yaml' --set 'train.run_name=a b'"
