@@ -6,7 +6,9 @@ is unreachable), shipping this project as the job's ``working_dir``, the entrypo
 ``--submission-id`` (a second submission with the same id reports the existing job
 instead of starting another one: a retried nightly CronJob pod is a no-op), and
 ``--wait``: following the job's logs until it ends and turning its outcome into the
-exit code (0 SUCCEEDED; 1 FAILED or STOPPED, with the job's last log lines).
+exit code (0 SUCCEEDED; 1 FAILED or STOPPED, with the job's last log lines). Clusters
+with token authentication get the local token ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token), as ``ray job`` sends it.
 
 Ctrl-C while waiting stops following, not the job: it keeps running on the cluster.
 """
@@ -247,20 +249,34 @@ def run(address: str, argv: list[str], *, wait: bool = False, submission_id: str
     return summary
 
 
+def _log_interval(log_chars: int, poll_s: float) -> float:
+    """Ray returns the whole log on each call: fetch big logs less often (1 s per
+    200 kB, at most every 30 s), so that following a long run stays cheap."""
+    return min(30.0, poll_s + log_chars / 200_000)
+
+
 def follow(client: Any, submission_id: str, address: str, *, quiet: bool = False,
            poll_s: float = POLL_S) -> str:
     """Print the job's new log text to stderr until it ends; SUCCEEDED or JobFailed."""
     printed = 0
     logs = ""
     last_contact = time.monotonic()
+    last_logs = float("-inf")
     try:
         while True:
             try:
                 info = client.get_job_info(submission_id)
                 status = str(info.status)
-                logs = client.get_job_logs(submission_id) or ""
-                last_contact = time.monotonic()
+                done = status in TERMINAL
+                now = time.monotonic()
+                if done or (not quiet and now - last_logs >= _log_interval(len(logs), poll_s)):
+                    logs = client.get_job_logs(submission_id) or ""
+                    last_logs = now
+                last_contact = now
             except Exception as e:  # noqa: BLE001 - a head restart or a network blip: retry
+                if isinstance(e, RuntimeError) and _is_not_found(e):
+                    raise JobFailed(f"job {submission_id} no longer exists on {address} "
+                                    f"(deleted, or the cluster was replaced)") from None
                 if time.monotonic() - last_contact > LOST_CONTACT_S:
                     raise JobFailed(f"lost contact with the Ray job server at {address} while "
                                     f"waiting for job {submission_id}: {e}") from None
@@ -272,7 +288,7 @@ def follow(client: Any, submission_id: str, address: str, *, quiet: bool = False
                 sys.stderr.write(logs[printed:])
                 sys.stderr.flush()
             printed = len(logs)
-            if status in TERMINAL:
+            if done:
                 break
             time.sleep(poll_s)
     except KeyboardInterrupt:

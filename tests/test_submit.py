@@ -333,3 +333,57 @@ def test_bad_inputs_are_user_errors(tmp_path):
         submit.runtime_env(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="cannot submit 'submit'"):
         submit.run("http://127.0.0.1:1", ["submit", "--address", "x"])
+
+
+class _FakeClient:
+    """Scripted job server: each get_job_info call takes the next (status or exception)."""
+
+    def __init__(self, script, logs="line 1\nline 2\n", message="Job failed."):
+        self.script = list(script)
+        self.logs = logs
+        self.message = message
+        self.log_calls = 0
+
+    def get_job_info(self, sid):
+        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(step, Exception):
+            raise step
+        return type("Info", (), {"status": step, "message": self.message})()
+
+    def get_job_logs(self, sid):
+        self.log_calls += 1
+        return self.logs
+
+
+def test_follow_retries_blips_and_reports_failure(capsys):
+    from pipeline.errors import JobFailed
+
+    client = _FakeClient(["RUNNING", ConnectionError("blip"), "RUNNING", "FAILED"],
+                         logs="".join(f"log {i}\n" for i in range(30)))
+    with pytest.raises(JobFailed) as e:
+        submit.follow(client, "sid", "http://h:8265", poll_s=0.01)
+    text = str(e.value)
+    assert text.startswith("job sid FAILED: Job failed.")
+    assert "log 29" in text and "log 10" in text and "log 9\n" not in text  # the last 20 lines
+    assert capsys.readouterr().err.count("log 0\n") == 1  # streamed once, not repeated
+
+
+def test_follow_quiet_fetches_logs_only_at_the_end(capsys):
+    client = _FakeClient(["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"])
+    assert submit.follow(client, "sid", "http://h:8265", quiet=True, poll_s=0.01) == "SUCCEEDED"
+    assert client.log_calls == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_follow_reports_a_vanished_job():
+    from pipeline.errors import JobFailed
+
+    client = _FakeClient([RuntimeError("Request failed with status code 404: Job sid does not exist.")])
+    with pytest.raises(JobFailed, match="no longer exists"):
+        submit.follow(client, "sid", "http://h:8265", poll_s=0.01)
+
+
+def test_log_interval_grows_with_the_log():
+    assert submit._log_interval(0, 1.0) == 1.0
+    assert submit._log_interval(2_000_000, 1.0) == 11.0
+    assert submit._log_interval(100_000_000, 1.0) == 30.0
