@@ -184,10 +184,10 @@ def _is_not_found(e: Exception) -> bool:
     return "404" in text or "does not exist" in text or "not found" in text.lower()
 
 
-def _existing_status(client: Any, submission_id: str) -> str | None:
-    """The status of job ``submission_id``, or None when there is no such job."""
+def _existing_job(client: Any, submission_id: str) -> Any | None:
+    """The job info of ``submission_id``, or None when there is no such job."""
     try:
-        return str(client.get_job_info(submission_id).status)
+        return client.get_job_info(submission_id)
     except RuntimeError as e:
         if _is_not_found(e):
             return None
@@ -217,10 +217,12 @@ def run(address: str, argv: list[str], *, wait: bool = False, submission_id: str
     client = make_client(address)
 
     duplicate = False
-    status = _existing_status(client, submission_id) if submission_id else None
-    if status is not None:
+    existing = _existing_job(client, submission_id) if submission_id else None
+    if existing is not None:
         duplicate = True
-        _say(f"imgpipe: job {submission_id} already exists ({status}); not submitting again", quiet)
+        _say(f"imgpipe: job {submission_id} already exists ({str(existing.status)}); not submitting again", quiet)
+        if existing.entrypoint and existing.entrypoint != cmd:
+            _say(f"imgpipe: note: that job runs {existing.entrypoint!r}, not {cmd!r}", quiet)
     else:
         if "working_dir" not in env:
             _say("imgpipe: no source checkout here and no --working-dir: the job runs the imgpipe "
@@ -237,10 +239,13 @@ def run(address: str, argv: list[str], *, wait: bool = False, submission_id: str
                 raise JobFailed(f"job submission to {address} failed: {e}") from None
         else:
             _say(f"imgpipe: submitted job {submission_id} to {address}: {cmd}", quiet)
-        status = _existing_status(client, submission_id) or "PENDING"
+        existing = _existing_job(client, submission_id)
 
-    summary = {"submission_id": submission_id, "status": status, "address": address,
-               "entrypoint": cmd, "duplicate": duplicate}
+    summary = {"submission_id": submission_id,
+               "status": str(existing.status) if existing is not None else "PENDING",
+               "address": address,
+               "entrypoint": (existing.entrypoint if existing is not None else None) or cmd,
+               "duplicate": duplicate}
     if not wait:
         if not duplicate:
             _say(f"imgpipe: follow it with: ray job logs --address {address} --follow {submission_id}", quiet)

@@ -238,6 +238,13 @@ def test_duplicate_submission_id_is_a_noop(client_env, capsys, tmp_path):
     assert second["submission_id"] == sid
     assert second["status"] == "SUCCEEDED"  # --wait followed the existing job to its end
     assert "already exists" in err
+    # a different command under the same id: still no second job; the summary names the real one
+    rc = cli.main(["submit", "--address", client_env.address, "--submission-id", sid, "--", "models", "list"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    third = _last_json(out)
+    assert third["duplicate"] is True and third["entrypoint"] == first["entrypoint"]
+    assert "not 'python -m pipeline models list'" in err
     jobs = client.list_jobs()
     assert len(jobs) == n_jobs
     assert [j.submission_id for j in jobs].count(sid) == 1
