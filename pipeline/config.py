@@ -67,15 +67,15 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 16
-    batch_size: int = 64  # images per worker per step
+    epochs: int = 20
+    batch_size: int = 32  # images per worker per step
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.4  # per 256 images of global batch (scaled linearly)
     head_lr_mult: float = 1.0  # classifier lr = lr * head_lr_mult (transfer learning)
     momentum: float = 0.9
     weight_decay: float = 5e-4  # not applied to norms and biases
     warmup_epochs: float = 1.0  # linear warmup, then cosine to zero
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     grad_clip: float = 0.0  # max grad norm; 0 disables
     ema_decay: float = 0.0  # e.g. 0.999; 0 disables the EMA copy
     early_stopping_patience: int = 0  # epochs without val improvement; 0 disables

@@ -1,0 +1,148 @@
+"""Train and eval transforms (presets) and the Ray Data actor that applies them.
+
+Like torchvision's ``references/classification/presets.py``: :class:`TrainPreset`
+and :class:`EvalPreset` map one decoded RGB image to a uint8 CHW tensor of the
+model's input size. They run on CPU in a Ray Data actor pool
+(:class:`AugmentBatch`), so only uint8 crosses the wire to training workers; the
+float conversion and normalization happen on the worker (:func:`to_input`).
+
+Augmentation is reproducible: each image's random draws are seeded from
+``(seed, epoch, image_id)``; the epoch comes from a tiny named actor
+(:class:`EpochClock`) that training workers advance before each epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from pipeline import images
+from pipeline.config import AugmentConfig
+
+IMAGENET_EVAL_CROP = 0.875  # resize to size/0.875 then center crop, as torchvision's references
+
+
+class TrainPreset:
+    """Random train-time transform of one uint8 CHW RGB tensor."""
+
+    def __init__(self, cfg: AugmentConfig, size: int) -> None:
+        ops: list[Any] = []
+        if cfg.preset == "imagenet":
+            ops.append(v2.RandomResizedCrop(size, scale=tuple(cfg.scale), antialias=True))
+        else:
+            ops.append(v2.Resize((size, size), antialias=True))
+            if cfg.preset == "digits" and cfg.pad > 0:
+                ops.append(v2.RandomCrop(size, padding=cfg.pad))
+        if cfg.hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        if cfg.rotation > 0:
+            ops.append(v2.RandomRotation(cfg.rotation, interpolation=InterpolationMode.BILINEAR))
+        if cfg.color_jitter > 0:
+            j = cfg.color_jitter
+            ops.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+        if cfg.auto_augment == "trivial":
+            ops.append(v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
+        elif cfg.auto_augment == "rand":
+            ops.append(v2.RandAugment(interpolation=InterpolationMode.BILINEAR))
+        self.transform = v2.Compose(ops)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.transform(img)
+
+
+class EvalPreset:
+    """Deterministic eval transform: resize (+ center crop for imagenet) to ``size``."""
+
+    def __init__(self, cfg: AugmentConfig, size: int) -> None:
+        if cfg.preset == "imagenet":
+            self.transform = v2.Compose([v2.Resize(int(round(size / IMAGENET_EVAL_CROP)), antialias=True),
+                                         v2.CenterCrop(size)])
+        else:
+            self.transform = v2.Resize((size, size), antialias=True)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.transform(img)
+
+
+def sample_seed(seed: int, epoch: int, image_id: str) -> int:
+    """The RNG seed of one image's augmentation in one epoch."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def decode_tensor(data: bytes) -> torch.Tensor:
+    """Encoded bytes -> uint8 CHW RGB tensor (EXIF applied; raises images.ImageError)."""
+    return torch.from_numpy(images.decode_rgb(data)).permute(2, 0, 1).contiguous()
+
+
+class EpochClock:
+    """A named actor holding the current epoch of a training run (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def epoch_clock(name: str):
+    """Get or create the run's :class:`EpochClock` actor (0 CPU: bookkeeping only)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(EpochClock).options(
+        name=name, namespace="imgpipe", get_if_exists=True).remote()
+
+
+class AugmentBatch:
+    """Ray Data ``map_batches`` class: decode + train (or eval) transform a batch.
+
+    Input columns ``image`` (bytes), ``label``, ``image_id``; output ``image`` (uint8
+    N x 3 x S x S), ``label`` (int64), ``image_id``. An image that fails to decode
+    (packing validated every shard image, so this means corruption) raises.
+    """
+
+    def __init__(self, cfg: dict[str, Any], size: int, train: bool, seed: int,
+                 clock_name: str | None = None) -> None:
+        acfg = AugmentConfig(**cfg)
+        self.transform = TrainPreset(acfg, size) if train else EvalPreset(acfg, size)
+        self.train, self.seed, self.size = train, seed, size
+        self.clock = None
+        if train and clock_name:
+            self.clock = epoch_clock(clock_name)
+        torch.set_num_threads(1)  # one actor = one core; parallelism comes from the pool
+
+    def _epoch(self) -> int:
+        if self.clock is None:
+            return 0
+        import ray
+
+        return int(ray.get(self.clock.get.remote()))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        epoch = self._epoch() if self.train else 0
+        out = np.empty((len(batch["image"]), 3, self.size, self.size), dtype=np.uint8)
+        for i, (data, image_id) in enumerate(zip(batch["image"], batch["image_id"])):
+            img = decode_tensor(bytes(data))
+            if self.train:
+                torch.manual_seed(sample_seed(self.seed, epoch, str(image_id)))
+            out[i] = self.transform(img).numpy()
+        return {"image": out, "label": batch["label"].astype(np.int64), "image_id": batch["image_id"]}
+
+
+def to_input(images_u8: torch.Tensor, mean: list[float], std: list[float], device: torch.device,
+             channels_last: bool = False) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> normalized float on ``device`` (conversion after the copy)."""
+    x = images_u8.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.float().div_(255.0)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (x - m) / s

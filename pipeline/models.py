@@ -1,0 +1,102 @@
+"""The model zoo: a small CNN for images up to 64 px, and any torchvision classifier.
+
+``build_model(arch, num_classes)`` sizes the classifier head from the dataset's
+classes; :func:`head_parameters` names the head (separate learning rate, frozen
+backbone epochs); :func:`load_pretrained` loads weights for transfer learning and
+reports missing / unexpected keys instead of failing silently.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.errors import UserError
+
+log = logging.getLogger("imgpipe")
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv blocks (BN + ReLU), global average pool, linear head.
+
+    ~0.3 M parameters: trains the 32 px digits to >0.98 in about a minute on 2 cores.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32, dropout: float = 0.0) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                                       nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return layers + ([nn.MaxPool2d(2)] if pool else [])
+
+        w = width
+        self.features = nn.Sequential(*block(3, w, False), *block(w, 2 * w, True),
+                                      *block(2 * w, 4 * w, True), *block(4 * w, 4 * w, True))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
+
+
+def available() -> list[str]:
+    """Valid ``model.arch`` names."""
+    return ["smallcnn", *sorted(torchvision.models.list_models(module=torchvision.models))]
+
+
+def build_model(arch: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    if arch == "smallcnn":
+        return SmallCNN(num_classes, dropout=dropout)
+    names = available()
+    if arch not in names:
+        raise UserError(f"unknown model.arch '{arch}'; valid: {', '.join(names)}")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _head_module_name(model: nn.Module) -> str:
+    """Name of the last Linear layer: the classifier head of every zoo model."""
+    name = ""
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    if not name:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier head")
+    return name
+
+
+def head_parameters(model: nn.Module) -> set[str]:
+    """Parameter names of the classifier head."""
+    head = _head_module_name(model)
+    return {n for n, _ in model.named_parameters() if n == head or n.startswith(head + ".")}
+
+
+def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """Load ``state_dict`` into ``model`` for fine-tuning; the head is re-initialized.
+
+    Tensors whose shape differs (the old head, sized for other classes) are skipped.
+    Returns ``{"missing": [...], "unexpected": [...], "skipped": [...]}`` and logs it.
+    """
+    head = head_parameters(model)
+    own = model.state_dict()
+    usable, skipped = {}, []
+    for k, v in state_dict.items():
+        if k in own and own[k].shape == v.shape and k not in head:
+            usable[k] = v
+        elif k in own:
+            skipped.append(k)
+    result = model.load_state_dict(usable, strict=False)
+    unexpected = sorted(set(state_dict) - set(own))
+    missing = sorted(k for k in result.missing_keys if k not in head)
+    report = {"missing": missing, "unexpected": unexpected, "skipped": sorted(skipped)}
+    loaded = len(usable)
+    log.info("pretrained %s: loaded %d tensors; %d missing, %d unexpected, %d skipped (head/shape)",
+             source, loaded, len(missing), len(unexpected), len(skipped))
+    if loaded == 0:
+        raise UserError(f"pretrained weights {source} share no tensor with model "
+                        f"{type(model).__name__}: wrong architecture? (first keys: {list(state_dict)[:3]})")
+    return report

@@ -1,0 +1,122 @@
+"""Ray runtime: starting or joining Ray, keeping its chatter down, sizing resources.
+
+Owns the one call to ``ray.init`` (local instance by default, ``ray.address`` or
+``RAY_ADDRESS`` to join a cluster) and the CPU arithmetic that keeps Ray Data from
+starving when Ray Train workers hold CPUs on a small machine (see DESIGN.md,
+"Ray on small machines"): training workers take what is left after a reserve for
+data tasks, as fractional logical CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+from pipeline.config import Config
+
+log = logging.getLogger("imgpipe")
+
+
+def ensure_ray(cfg: Config, quiet: bool = False) -> None:
+    """Start a local Ray instance, or join ``cfg.ray.address`` / ``$RAY_ADDRESS``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Keep the driver's console for our progress; Ray's INFO chatter only with --verbose.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1" if quiet else "0")
+    level = logging.INFO if cfg.ray.verbose else logging.WARNING
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(logging_level=level, log_to_driver=True, configure_logging=True)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "IMGPIPE_"))}
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+    _quiet_ray_data(quiet, cfg.ray.verbose)
+    log.info("ray: %s", _describe_cluster())
+
+
+def _quiet_ray_data(quiet: bool, verbose: bool) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = verbose
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = verbose
+    if not verbose:
+        for name in ("ray.data", "ray.train", "ray.tune", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _describe_cluster() -> str:
+    import ray
+
+    res = ray.cluster_resources()
+    return f"{len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+
+
+# Logical CPUs of Ray Data work. Reads are I/O bound: a quarter CPU lets one run beside
+# a full actor on a 2-CPU machine (a 1-CPU read task next to a 1-CPU actor would wait
+# forever for the CPU a training worker holds).
+READ_TASK_CPUS = 0.2
+EVAL_TASK_CPUS = 0.1  # decode + resize of validation images (each rank reads all of val)
+AUGMENT_ACTOR_CPUS = 1.0
+
+
+@dataclass(frozen=True)
+class TrainResources:
+    cpus_per_worker: float  # logical CPUs each Ray Train worker holds
+    data_cpus: float  # logical CPUs left for Ray Data (decode + augment actors, reads)
+    gpus_per_worker: float
+
+
+def train_resources(cfg: Config, cluster_cpus: float) -> TrainResources:
+    """Split the cluster's CPUs between training workers and Ray Data.
+
+    Ray Data needs at least one CPU per augment actor plus a read task; training
+    workers get the rest, fractionally (a worker's threads are capped by
+    ``train.torch_threads``, so a fraction of a logical CPU is an accounting share,
+    not a limit on speed). An explicit ``train.cpus_per_worker`` wins.
+    """
+    n = cfg.train.num_workers
+    # the train pipeline (reads + actors) and one validation pipeline (read + eval task)
+    data_reserve = cfg.augment.actors * AUGMENT_ACTOR_CPUS + 2 * READ_TASK_CPUS + EVAL_TASK_CPUS
+    if cfg.augment.device == "cuda":
+        data_reserve = 2 * READ_TASK_CPUS + EVAL_TASK_CPUS
+    if cfg.train.cpus_per_worker is not None:
+        per = cfg.train.cpus_per_worker
+    else:
+        # floor to 0.01: rounding up by a hair is enough to starve Ray Data for good
+        per = max(0.01, min(1.0, math.floor((cluster_cpus - data_reserve) / n * 100) / 100))
+    return TrainResources(per, max(0.0, cluster_cpus - per * n), 1.0 if cfg.train.use_gpu else 0.0)
+
+
+@dataclass(frozen=True)
+class PredictResources:
+    decode_cpus: float  # logical CPUs per decode actor
+    model_cpus: float  # logical CPUs per model actor
+    model_threads: int  # torch intra-op threads in a CPU model actor
+
+
+def predict_resources(cfg: Config, cluster_cpus: float) -> PredictResources:
+    """Size the inference actor pools so read and write tasks always find a slot.
+
+    A CPU model actor takes half the cluster (at most 4 CPUs: more threads stop
+    paying for a small CNN); decode actors share what is left after the read and
+    write tasks' reserve.
+    """
+    p = cfg.predict
+    reserve = 2 * READ_TASK_CPUS
+    if p.num_gpus > 0:
+        model_cpus = 1.0
+    else:
+        model_cpus = max(0.5, min(4.0, math.floor(cluster_cpus / 2 / p.model_actors * 100) / 100))
+    left = cluster_cpus - reserve - model_cpus * p.model_actors
+    decode = max(0.1, min(1.0, math.floor(left / p.decode_actors * 100) / 100))
+    return PredictResources(decode, model_cpus, max(1, int(model_cpus)))

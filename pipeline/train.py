@@ -1,0 +1,436 @@
+"""Distributed training: Ray Train ``TorchTrainer`` (DDP) fed by Ray Data.
+
+Shape after torchvision's ``references/classification/train.py``:
+:func:`train_one_epoch`, :func:`evaluate`, and :func:`train_loop` (runs on every
+worker), plus :func:`run` on the driver (``imgpipe train``).
+
+Data: shards -> Ray Data (per-epoch shard shuffle from ``(seed, epoch)``) -> decode +
+augment in an actor pool -> ``streaming_split`` across ranks (equal row counts, so
+every rank runs the same number of steps) -> a bounded local shuffle window.
+
+Each epoch rank 0 writes a checkpoint folder that is also a model artifact
+(``weights.pt`` + ``meta.json``, see :mod:`pipeline.artifact`) plus ``train_state.pt``
+(optimizer, schedule, epoch, best accuracy) for resume. Ray Train keeps the best by
+val accuracy and the latest; restarting workers after a failure, or rerunning with
+the same ``train.run_name``, resumes from the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import artifact, augment, config, models, shards, storage
+from pipeline.config import Config
+from pipeline.errors import JobFailed, UserError
+
+log = logging.getLogger("imgpipe")
+
+TRAIN_STATE = "train_state.pt"
+VAL_MATERIALIZE_BYTES = 512 * 2**20  # cache the eval-transformed val set in the object store up to this
+METRICS = "metrics.jsonl"
+
+
+# ------------------------------------------------------------------ worker side
+
+
+def _param_groups(model: nn.Module, cfg: Config, peak_lr: float) -> list[dict[str, Any]]:
+    """No weight decay on norms and biases; the head gets ``head_lr_mult``."""
+    head = models.head_parameters(model)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        decay = p.ndim > 1
+        groups.setdefault((name in head, decay), []).append(p)
+    out = []
+    for (is_head, decay), params in groups.items():
+        mult = cfg.train.head_lr_mult if is_head else 1.0
+        out.append({"params": params, "weight_decay": cfg.train.weight_decay if decay else 0.0,
+                    "lr": peak_lr * mult, "base_lr": peak_lr * mult, "is_head": is_head})
+    return out
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, factor: float, freeze_backbone: bool) -> float:
+    lr = 0.0
+    for g in opt.param_groups:
+        g["lr"] = 0.0 if (freeze_backbone and not g["is_head"]) else g["base_lr"] * factor
+        lr = max(lr, g["lr"])
+    return lr
+
+
+def train_one_epoch(model, loader, opt, loss_fn, step: int, total_steps: int, warmup_steps: int,
+                    cfg: Config, device, mixer=None, ema=None, freeze_backbone: bool = False) -> dict[str, float]:
+    model.train()
+    seen, loss_sum, correct, t0 = 0, 0.0, 0, time.time()
+    amp = device.type == "cuda" and cfg.train.amp != "off"
+    lr = 0.0
+    for batch in loader:
+        x = augment.to_input(batch["image"], cfg.augment.mean, cfg.augment.std, device,
+                             channels_last=device.type == "cuda" and cfg.train.channels_last)
+        y = batch["label"].to(device)
+        target = y
+        if mixer is not None:
+            x, target = mixer(x, y)
+        lr = _set_lr(opt, _lr_factor(step, total_steps, warmup_steps), freeze_backbone)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+            loss = loss_fn(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        step += 1
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+    return {"step": step, "seen": seen, "loss_sum": loss_sum, "correct": correct,
+            "seconds": time.time() - t0, "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model, loader, cfg: Config, device, num_classes: int) -> dict[str, Any]:
+    """Loss, correct count and confusion matrix (rows: true, cols: predicted)."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    loss_sum, n = 0.0, 0
+    for batch in loader:
+        x = augment.to_input(batch["image"], cfg.augment.mean, cfg.augment.std, device)
+        y = batch["label"].to(device)
+        logits = model(x).float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(1)
+        confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, num_classes)
+        n += len(y)
+    return {"loss_sum": loss_sum, "n": n, "confusion": confusion}
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop(loop_cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config.from_dict(loop_cfg["config"])
+    storage.configure(config.storage_options(cfg))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg.train.torch_threads))
+    torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP broadcasts rank 0's anyway
+    device = ray.train.torch.get_device()
+    classes = loop_cfg["classes"]
+    num_classes = len(classes)
+
+    model = models.build_model(cfg.model.arch, num_classes, cfg.model.dropout)
+    if loop_cfg.get("pretrained_uri"):
+        pre = artifact.load(loop_cfg["pretrained_uri"]) if loop_cfg.get("pretrained_is_artifact") else None
+        state = pre.state_dict if pre else torch.load(loop_cfg["pretrained_uri"], map_location="cpu", weights_only=True)
+        models.load_pretrained(model, state, loop_cfg["pretrained_uri"])
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    global_batch = cfg.train.batch_size * world
+    peak_lr = cfg.train.lr * global_batch / 256
+    groups = _param_groups(model, cfg, peak_lr)
+    if cfg.train.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.train.momentum, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=peak_lr)
+    model = ray.train.torch.prepare_model(model)
+    if device.type == "cuda" and cfg.train.compile:
+        model = torch.compile(model)
+    ema = None
+    if cfg.train.ema_decay > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            _unwrap(model), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay))
+
+    rows_per_rank = loop_cfg["train_rows"] // world  # streaming_split(equal=True)
+    steps_per_epoch = max(1, math.ceil(rows_per_rank / cfg.train.batch_size))
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
+
+    start_epoch, step, best_acc, since_best, history = 0, 0, -1.0, 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            st = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
+            _unwrap(model).load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            if ema is not None and "ema" in st:
+                ema.load_state_dict(st["ema"])
+            start_epoch, step, best_acc, since_best = st["epoch"] + 1, st["step"], st["best_acc"], st["since_best"]
+            history = json.loads(st["history"])
+        if rank == 0:
+            print(f"resumed from checkpoint at epoch {start_epoch} (step {step})", flush=True)
+
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    mixer = None
+    if cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0:
+        from torchvision.transforms import v2
+
+        choices = []
+        if cfg.augment.mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=cfg.augment.mixup_alpha, num_classes=num_classes))
+        if cfg.augment.cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cfg.augment.cutmix_alpha, num_classes=num_classes))
+        mixer = v2.RandomChoice(choices)
+
+    clock = augment.epoch_clock(loop_cfg["clock_name"])
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        ray.get(clock.set.remote(epoch))  # every rank sets it before the epoch's data flows
+        torch.manual_seed(cfg.train.seed * 1000 + epoch * world + rank)  # mixup draws
+        loader = _batches(train_shard.iter_batches(
+            batch_size=cfg.train.batch_size, batch_format="numpy", local_shuffle_buffer_size=cfg.data.shuffle_buffer,
+            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank), trace=(rank, epoch))
+        freeze = epoch < cfg.train.freeze_backbone_epochs
+        tr = train_one_epoch(model, loader, opt, loss_fn, step, total_steps, warmup_steps, cfg, device,
+                             mixer, ema, freeze)
+        step = tr["step"]
+        eval_model = ema.module if ema is not None else model
+        ev = evaluate(eval_model, _batches(val_shard.iter_batches(batch_size=256, batch_format="numpy")),
+                      cfg, device, num_classes)
+        seen, loss_sum, correct, secs = _all_reduce([tr["seen"], tr["loss_sum"], tr["correct"], tr["seconds"]])
+        # val is not split: every rank scores the whole (small) val set, so no reduce
+        vloss, vn, confusion = ev["loss_sum"], ev["n"], ev["confusion"]
+        val_correct = float(confusion.diag().sum())
+        val_acc = val_correct / max(vn, 1)
+        improved = val_acc > best_acc
+        best_acc, since_best = (val_acc, 0) if improved else (best_acc, since_best + 1)
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
+                   "train_accuracy": correct / max(seen, 1), "val_loss": vloss / max(vn, 1),
+                   "val_accuracy": val_acc, "best_val_accuracy": best_acc, "lr": tr["lr"],
+                   "train_images": int(seen), "val_images": int(vn),
+                   "dropped_train_images": int(loop_cfg["train_rows"] - rows_per_rank * world),
+                   "images_per_second": seen / max(secs / world, 1e-9), "epoch_seconds": secs / world}
+        history.append(metrics)
+        stop = cfg.train.early_stopping_patience > 0 and since_best >= cfg.train.early_stopping_patience
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                weights = ema.module.state_dict() if ema is not None else _unwrap(model).state_dict()
+                weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
+                meta = {**loop_cfg["meta"], "metrics": metrics, "epoch": epoch + 1}
+                artifact.save(d, weights, meta)
+                state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "step": step, "best_acc": best_acc, "since_best": since_best,
+                         "history": json.dumps(history)}
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
+                torch.save(state, os.path.join(d, TRAIN_STATE))
+                _write_metrics(loop_cfg["run_uri"], history)
+                print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+                      f"train_acc {metrics['train_accuracy']:.4f}  val_acc {val_acc:.4f}  "
+                      f"lr {tr['lr']:.4f}  {metrics['images_per_second']:.0f} img/s  "
+                      f"{metrics['epoch_seconds']:.1f}s", flush=True)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+        if stop:
+            if rank == 0:
+                print(f"early stopping: no val improvement for {since_best} epochs", flush=True)
+            break
+
+
+def _batches(it, trace: tuple[int, int] | None = None):
+    """numpy batches -> torch tensors (image uint8, label int64), ids kept as strings.
+
+    With ``$IMGPIPE_TRACE_IDS`` set to a folder, the training ids each rank sees per
+    epoch are appended to ``<folder>/rank<R>-epoch<E>.txt`` (tests use it to prove
+    every image is seen exactly once per epoch)."""
+    trace_dir = os.environ.get("IMGPIPE_TRACE_IDS") if trace else None
+    for b in it:
+        if trace_dir:
+            with open(os.path.join(trace_dir, f"rank{trace[0]}-epoch{trace[1]}.txt"), "a") as f:
+                f.write("".join(f"{i}\n" for i in b["image_id"]))
+        yield {"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(b["label"]), "image_id": b["image_id"]}
+
+
+def _write_metrics(run_uri: str, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
+    storage.write_bytes(storage.join(run_uri, METRICS), text.encode())
+
+
+# ------------------------------------------------------------------ driver side
+
+
+def _pretrained(cfg: Config) -> tuple[str | None, bool]:
+    """Resolve ``model.pretrained`` to (URI, is_artifact)."""
+    spec = cfg.model.pretrained
+    if not spec:
+        return None, False
+    from pipeline import registry
+
+    if "@" in spec and "/" not in spec:
+        return registry.resolve(cfg.registry.uri, spec), True
+    if storage.exists(storage.join(spec, artifact.META)):
+        return spec, True
+    if storage.exists(spec):
+        return spec, False
+    raise UserError(f"model.pretrained not found: {spec} (a state-dict URI, a checkpoint folder, or NAME@vN)")
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.train.run_name or f"{cfg.registry.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(cfg: Config, quiet: bool = False, datasets_override: dict | None = None) -> dict[str, Any]:
+    """``imgpipe train``: train on ``data.manifest``; returns the summary dict."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.runtime import AUGMENT_ACTOR_CPUS, EVAL_TASK_CPUS, ensure_ray, train_resources
+
+    if not cfg.data.manifest:
+        raise UserError("data.manifest is not set: pack a dataset (`imgpipe pack SRC DST`) and "
+                        "pass --set data.manifest=DST")
+    manifest = shards.read_manifest(cfg.data.manifest)
+    for split in ("train", "val"):
+        if manifest.rows(split) == 0:
+            raise UserError(f"dataset {manifest.root} has no '{split}' images")
+    models.build_model(cfg.model.arch, len(manifest.classes))  # fail fast on a bad arch
+    pretrained_uri, pretrained_is_artifact = _pretrained(cfg)
+    ensure_ray(cfg, quiet=quiet)
+    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    res = train_resources(cfg, cluster_cpus)
+    name = run_name(cfg)
+    storage_root = storage.normalize(cfg.train.storage)
+    run_uri = storage.join(storage_root, name)
+    storage.write_bytes(storage.join(run_uri, "config.yaml"), config.dump(cfg).encode())
+    clock_name = f"epoch-clock-{name}"
+    acfg = dataclasses.asdict(cfg.augment)
+    size = cfg.data.image_size
+
+    epoch_clock = augment.epoch_clock(clock_name)  # created here so readers always find it
+    train_ds = shards.read_split(manifest, "train", columns=["image_id", "image", "label"],
+                                 shuffle_seed=cfg.train.seed, clock_name=clock_name)
+    train_ds = train_ds.map_batches(
+        augment.AugmentBatch, fn_constructor_kwargs={"cfg": acfg, "size": size, "train": True,
+                                                     "seed": cfg.train.seed, "clock_name": clock_name},
+        concurrency=cfg.augment.actors, num_cpus=AUGMENT_ACTOR_CPUS, batch_size=cfg.augment.batch_size)
+    val_ds = shards.read_split(manifest, "val", columns=["image_id", "image", "label"]).map_batches(
+        _eval_transform, fn_kwargs={"cfg": acfg, "size": size}, num_cpus=EVAL_TASK_CPUS, batch_size=256)
+    if manifest.rows("val") * 3 * size * size <= VAL_MATERIALIZE_BYTES:
+        # Eval transforms are deterministic: compute them once, not once per rank per epoch.
+        val_ds = val_ds.materialize()
+    datasets = {"train": train_ds, "val": val_ds}
+    if datasets_override:
+        datasets.update(datasets_override)
+
+    meta = {"arch": cfg.model.arch, "classes": manifest.classes, "image_size": size,
+            "mean": cfg.augment.mean, "std": cfg.augment.std, "eval_preset": cfg.augment.preset,
+            "config": config.to_dict(cfg), "data_manifest_sha256": manifest.sha256,
+            "data_manifest": manifest.root, "run": run_uri,
+            "pretrained": cfg.model.pretrained}
+    loop_cfg = {"config": config.to_dict(cfg), "classes": manifest.classes, "train_rows": manifest.rows("train"),
+                "meta": meta, "run_uri": run_uri, "clock_name": clock_name,
+                "pretrained_uri": pretrained_uri, "pretrained_is_artifact": pretrained_is_artifact}
+    fs, fs_path = storage.pyarrow_filesystem(storage_root)
+    resources = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        resources["GPU"] = res.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=fs_path, storage_filesystem=fs if storage.is_remote(storage_root) else None,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=max(1, cfg.train.num_to_keep), checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    log.info("train: run %s, %d workers x %.2f CPU (%.2f CPU left for Ray Data), %d train / %d val images",
+             name, cfg.train.num_workers, res.cpus_per_worker, res.data_cpus, manifest.rows("train"),
+             manifest.rows("val"))
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the cause
+        raise JobFailed(f"training run {name} failed: {_root_cause(e)}") from e
+    finally:
+        ray.kill(epoch_clock)
+    if result.error:
+        raise JobFailed(f"training run {name} failed: {_root_cause(result.error)}")
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_accuracy", -1.0))
+    best_ckpt, best_metrics = best
+    best_uri = _checkpoint_uri(storage_root, fs_path, best_ckpt.path)
+    history = _read_history(run_uri)
+    seconds = time.time() - t0
+    train_seen = sum(h["train_images"] for h in history)
+    epoch_secs = sum(h["epoch_seconds"] for h in history)
+    return {
+        "run": name, "run_uri": run_uri, "best_checkpoint_uri": best_uri,
+        "best_val_accuracy": best_metrics.get("val_accuracy"), "best_epoch": best_metrics.get("epoch"),
+        "epochs": len(history), "final": result.metrics, "seconds": round(seconds, 2),
+        "train_images_per_second": round(train_seen / max(epoch_secs, 1e-9), 1),
+        "data_manifest_sha256": manifest.sha256, "classes": manifest.classes,
+    }
+
+
+def _eval_transform(batch, cfg: dict[str, Any], size: int):
+    """Ray Data task UDF: decode + eval preset (stateless, so a task, not an actor)."""
+    import numpy as np
+
+    preset = augment.EvalPreset(config.AugmentConfig(**cfg), size)
+    out = np.empty((len(batch["image"]), 3, size, size), dtype=np.uint8)
+    for i, data in enumerate(batch["image"]):
+        out[i] = preset(augment.decode_tensor(bytes(data))).numpy()
+    return {"image": out, "label": batch["label"].astype(np.int64), "image_id": batch["image_id"]}
+
+
+def _checkpoint_uri(storage_root: str, fs_path: str, ckpt_path: str) -> str:
+    if storage.is_remote(storage_root):
+        scheme = storage_root.split("://", 1)[0]
+        return f"{scheme}://{ckpt_path}"
+    return ckpt_path
+
+
+def _read_history(run_uri: str) -> list[dict[str, Any]]:
+    try:
+        text = storage.read_text(storage.join(run_uri, METRICS))
+    except storage.NotFound:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"
