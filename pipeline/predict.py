@@ -217,7 +217,7 @@ def _write_part(batch: dict[str, Any], dst: str, model_name: str, opts: storage.
             "run_id": [str(x) for x in np.asarray(batch["run_id"])[good]],
         }, schema=PRED_SCHEMA)
         _write_table(storage.join(dst, name), table)
-    return {"file": name if good.any() else "", "error_file": name if n_bad else "",
+    return {"file": [name if good.any() else ""], "error_file": [name if n_bad else ""],
             "rows": [int(good.sum())], "errors": [n_bad], "correct": [correct], "labelled": [labelled]}
 
 
@@ -384,7 +384,7 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
         t_run = time.time()
         for r in ds.iter_rows():
             results.append(r)
-            scored += r["rows"][0] + r["errors"][0]
+            scored += r["rows"] + r["errors"]
             if not quiet:
                 rate = scored / max(time.time() - t_run, 1e-9)
                 left = total - len(skip) - scored
@@ -431,7 +431,7 @@ def _commit(dst, name, art, run_id, src, listing, results, files, committed_file
         raise JobFailed(f"{errors} of {total} images could not be decoded ({errors / total:.2%} > "
                         f"data.max_bad_fraction {cfg.data.max_bad_fraction:.2%}); see {dst}/_errors/ ; not committed")
     seconds = time.time() - t0
-    labelled = sum(r["labelled"][0] for r in results)
+    labelled = sum(r["labelled"] for r in results)
     summary = {"rows": rows, "errors": errors, "files": all_files, "error_files": all_errors, "model": name,
                "model_uri": art.uri, "weights_sha256": art.meta.get("weights_sha256"), "run_id": run_id,
                "input": src, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -448,7 +448,7 @@ def _commit(dst, name, art, run_id, src, listing, results, files, committed_file
            "scored": scored, "skipped": len(skip), "model": name, "run_id": run_id,
            "seconds": round(seconds, 3), "images_per_second": round(scored / max(seconds, 1e-9), 1)}
     if labelled:
-        out["accuracy"] = round(sum(r["correct"][0] for r in results) / labelled, 6)
+        out["accuracy"] = round(sum(r["correct"] for r in results) / labelled, 6)
     log.info("predict: %d rows, %d errors in %d files -> %s (%.1fs)", rows, errors, len(all_files), dst, seconds)
     return out
 

@@ -1,0 +1,80 @@
+"""Storage: URIs, atomic writes, streaming listing, NotFound, on local disk and moto S3."""
+
+import os
+
+import pytest
+
+from pipeline import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path)
+    return request.getfixturevalue("s3_bucket") + "/root"
+
+
+def test_write_read_list(root):
+    storage.write_json(storage.join(root, "a", "x.json"), {"k": 1})
+    storage.write_bytes(storage.join(root, "a", "b", "y.png"), b"123")
+    storage.write_bytes(storage.join(root, "a", "_errors", "z.png"), b"hidden")
+    storage.write_bytes(storage.join(root, "a", ".tmp", "w.png"), b"hidden")
+    assert storage.read_json(storage.join(root, "a", "x.json")) == {"k": 1}
+    files = list(storage.iter_files(storage.join(root, "a")))
+    # sorted key order; '_' and '.' folders skipped
+    assert [os.path.basename(f.uri) for f in files] == ["y.png", "x.json"]
+    pngs = list(storage.iter_files(storage.join(root, "a"), (".png",)))
+    assert [f.size for f in pngs] == [3] and pngs[0].version
+    assert storage.listdir(storage.join(root, "a")) == [".tmp", "_errors", "b", "x.json"]
+
+
+def test_not_found_names_uri(root):
+    missing = storage.join(root, "nope", "f.bin")
+    with pytest.raises(storage.NotFound, match="nope/f.bin"):
+        storage.read_bytes(missing)
+    assert not storage.exists(missing)
+
+
+def test_listing_paginates_s3(s3_bucket):
+    # more than one list_objects_v2 page (1,000 keys)
+    fs, path = storage.filesystem(s3_bucket)
+    for i in range(1005):
+        fs.pipe_file(f"{path}/many/{i:05d}.jpg", b"x")
+    uris = [f.uri for f in storage.iter_files(s3_bucket + "/many", (".jpg",))]
+    assert len(uris) == 1005 and len(set(uris)) == 1005 and uris == sorted(uris)
+
+
+def test_local_atomic_write_leaves_no_temp(tmp_path):
+    target = tmp_path / "d" / "f.bin"
+    storage.write_bytes(str(target), b"a" * 1000)
+    storage.write_bytes(str(target), b"b")
+    assert target.read_bytes() == b"b"
+    assert os.listdir(tmp_path / "d") == ["f.bin"]
+
+
+def test_retry_is_bounded_and_classifies():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("An error occurred (SlowDown) when calling the GetObject operation: 503")
+        return "ok"
+
+    opts = storage.StorageOptions(retries=4, backoff_s=0.001)
+    assert storage.retry(flaky, "s3://b/k", opts) == "ok" and len(calls) == 3
+
+    def forbidden():
+        calls.append(1)
+        raise PermissionError("403 AccessDenied")
+
+    calls.clear()
+    with pytest.raises(storage.Forbidden, match="s3://b/k"):
+        storage.retry(forbidden, "s3://b/k", opts)
+    assert len(calls) == 1  # 403 is not retried
+
+    def always_503():
+        raise OSError("503 Service Unavailable")
+
+    with pytest.raises(storage.StorageError, match="still failing after 4 attempts"):
+        storage.retry(always_503, "s3://b/k", opts)
