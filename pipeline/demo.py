@@ -31,7 +31,8 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run(workdir: str, cfg: Config, quiet: bool = False) -> dict[str, Any]:
+def run(workdir: str, cfg: Config, quiet: bool = False, limit_per_class: int | None = None) -> dict[str, Any]:
+    """Run the cycle under ``workdir``; ``limit_per_class`` shrinks the digits (tests)."""
     t0 = time.time()
     root = storage.normalize(workdir)
     images_uri = storage.join(root, "bucket", "images")
@@ -42,7 +43,7 @@ def run(workdir: str, cfg: Config, quiet: bool = False) -> dict[str, Any]:
 
     _say(f"[1/6] writing scikit-learn digits as PNG files under {images_uri}", quiet)
     if not storage.exists(images_uri):
-        n = digits.write_digits(images_uri)
+        n = digits.write_digits(images_uri, limit=limit_per_class)
         _say(f"      {n} images written", quiet)
     else:
         _say("      already there; reusing", quiet)

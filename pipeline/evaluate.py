@@ -31,6 +31,7 @@ def metrics_from_confusion(cm: np.ndarray, classes: list[str]) -> dict[str, Any]
 def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False) -> dict[str, Any]:
     """``imgpipe evaluate``: score ``split`` of dataset ``data`` with ``model_ref``."""
     import ray
+    import ray.data
 
     from pipeline import predict
     from pipeline.runtime import READ_TASK_CPUS, ensure_ray, predict_resources
@@ -51,12 +52,12 @@ def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False)
     ds = ds.map_batches(predict.DecodeBatch, fn_constructor_kwargs={
         "augment_cfg": predict._augment_dict(cfg), "size": int(art.meta["image_size"]),
         "preset": art.meta.get("eval_preset", cfg.augment.preset)},
-        concurrency=cfg.predict.decode_actors, num_cpus=res.decode_cpus, batch_size=predict.READ_BATCH)
+        compute=ray.data.ActorPoolStrategy(size=cfg.predict.decode_actors), num_cpus=res.decode_cpus, batch_size=predict.READ_BATCH)
     ds = ds.map_batches(predict.ModelBatch, fn_constructor_kwargs={
         "model_uri": art.uri, "model_name": name, "run_id": "evaluate", "topk": 1,
         "batch_size": cfg.predict.batch_size, "compile_model": False, "threads": res.model_threads,
         "opts": storage.default_options()},
-        concurrency=cfg.predict.model_actors, num_cpus=res.model_cpus, num_gpus=cfg.predict.num_gpus,
+        compute=ray.data.ActorPoolStrategy(size=cfg.predict.model_actors), num_cpus=res.model_cpus, num_gpus=cfg.predict.num_gpus,
         batch_size=cfg.predict.batch_size)
     truth, pred, errors, ids = [], [], 0, []
     for b in ds.select_columns(["truth", "label", "error", "image_id"]).iter_batches(batch_format="numpy"):

@@ -372,12 +372,12 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
     if ds is not None:
         ds = ds.map_batches(DecodeBatch, fn_constructor_kwargs={"augment_cfg": _augment_dict(cfg), "size": size,
                                                                 "preset": preset},
-                            concurrency=cfg.predict.decode_actors, num_cpus=res.decode_cpus, batch_size=READ_BATCH)
+                            compute=ray.data.ActorPoolStrategy(size=cfg.predict.decode_actors), num_cpus=res.decode_cpus, batch_size=READ_BATCH)
         ds = ds.map_batches(ModelBatch, fn_constructor_kwargs={
             "model_uri": art.uri, "model_name": name, "run_id": run_id, "topk": cfg.predict.topk,
             "batch_size": cfg.predict.batch_size, "compile_model": cfg.predict.compile,
             "threads": res.model_threads, "opts": opts},
-            concurrency=cfg.predict.model_actors, num_cpus=res.model_cpus, num_gpus=cfg.predict.num_gpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.predict.model_actors), num_cpus=res.model_cpus, num_gpus=cfg.predict.num_gpus,
             batch_size=cfg.predict.batch_size)
         ds = ds.map_batches(_write_part, fn_kwargs={"dst": dst, "model_name": name, "opts": opts},
                             batch_size=cfg.predict.rows_per_file, num_cpus=READ_TASK_CPUS)

@@ -28,9 +28,11 @@ def ensure_ray(cfg: Config, quiet: bool = False) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Keep the driver's console for our progress; Ray's INFO chatter only with --verbose.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1" if quiet else "0")
-    level = logging.INFO if cfg.ray.verbose else logging.WARNING
+    level = logging.INFO if cfg.ray.verbose else logging.ERROR
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(logging_level=level, log_to_driver=True, configure_logging=True)
+    # Worker and actor output (Ray Train's banners, Ray Data's per-rank logs) only with
+    # --verbose: imgpipe prints its own progress on the driver.
+    kwargs = dict(logging_level=level, log_to_driver=cfg.ray.verbose, configure_logging=True)
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "IMGPIPE_"))}
     runtime_env = {"env_vars": env} if env else None
     if address:
@@ -51,7 +53,7 @@ def _quiet_ray_data(quiet: bool, verbose: bool) -> None:
         ctx.enable_operator_progress_bars = verbose
     if not verbose:
         for name in ("ray.data", "ray.train", "ray.tune", "ray"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _describe_cluster() -> str:

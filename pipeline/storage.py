@@ -112,15 +112,22 @@ def _fs_cache_key(scheme: str, opts: StorageOptions) -> tuple:
 _fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 
-def filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path inside it."""
+def filesystem(uri: str, opts: StorageOptions | None = None, *,
+               s3fs_retries: int | None = 1) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it.
+
+    ``s3fs_retries``: tries of s3fs' own retry loop. 1 (no retries) for calls that
+    :func:`retry` wraps: s3fs retries SlowDown 5 times with its own sleeps, under ours,
+    hiding the faults and multiplying the attempts. None keeps s3fs' default, for
+    callers that no :func:`retry` wraps (the pyarrow view).
+    """
     opts = opts or _default
     if not is_remote(uri):
         return fsspec.filesystem("file"), normalize(uri)
     scheme, rest = uri.split("://", 1)
     if scheme not in ("s3", "s3a"):
         raise UserError(f"unsupported URI scheme '{scheme}://' in {uri}; valid: local paths, file://, s3://")
-    key = _fs_cache_key(scheme, opts)
+    key = (*_fs_cache_key(scheme, opts), s3fs_retries)
     fs = _fs_cache.get(key)
     if fs is None:
         endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
@@ -131,10 +138,13 @@ def filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[fsspec.Abs
             client_kwargs=client_kwargs,
             use_listings_cache=False,  # listings change under us (pack resumes, new nights)
             skip_instance_cache=True,
-            # Our retry() owns backoff; keep botocore's own retries short so faults surface.
-            config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}},
+            # Our retry() owns backoff; keep botocore's own retries short so faults surface:
+            # 2 attempts in all ("max_attempts" would count retries only: 3 attempts).
+            config_kwargs={"retries": {"total_max_attempts": 2, "mode": "standard"}},
             **opts.extra,
         )
+        if s3fs_retries is not None:
+            fs.retries = s3fs_retries
         _fs_cache[key] = fs
     return fs, rest.rstrip("/")
 
@@ -145,7 +155,9 @@ def filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[fsspec.Abs
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    text = f"{type(exc).__name__} {exc}"
+    # s3fs turns S3 errors into OSError(errno, server message), e.g. SlowDown into
+    # OSError(EBUSY, 'Please reduce your request rate.'): the code is in the cause.
+    text = f"{type(exc).__name__} {exc} {exc.__cause__!r}"
     permanent = ("403", "AccessDenied", "Forbidden", "404", "NoSuchKey", "NoSuchBucket", "InvalidAccessKeyId")
     if any(p in text for p in permanent):
         return False
@@ -153,9 +165,19 @@ def _is_transient(exc: BaseException) -> bool:
                  "RequestTimeout", "Connection", "timed out", "Timeout", "reset", "Broken pipe")
     if any(t in text for t in transient):
         return True
+    if _is_s3fs_retryable(exc):  # dropped connections, truncated bodies, s3fs timeouts
+        return True
     return isinstance(exc, (ConnectionError, TimeoutError)) or (
         isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ECONNRESET, errno.ETIMEDOUT)
     )
+
+
+def _is_s3fs_retryable(exc: BaseException) -> bool:
+    try:
+        from s3fs.core import S3_RETRYABLE_ERRORS
+    except ImportError:
+        return False
+    return isinstance(exc, S3_RETRYABLE_ERRORS)
 
 
 def retry(fn: Callable[[], T], uri: str, opts: StorageOptions | None = None) -> T:
@@ -355,5 +377,5 @@ def pyarrow_filesystem(uri: str, opts: StorageOptions | None = None):
 
     if not is_remote(uri):
         return pafs.LocalFileSystem(), normalize(uri)
-    fs, path = filesystem(uri, opts)
+    fs, path = filesystem(uri, opts, s3fs_retries=None)  # no retry() around pyarrow's calls
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

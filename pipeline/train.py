@@ -22,7 +22,9 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -36,7 +38,7 @@ from pipeline.errors import JobFailed, UserError
 log = logging.getLogger("imgpipe")
 
 TRAIN_STATE = "train_state.pt"
-VAL_MATERIALIZE_BYTES = 512 * 2**20  # cache the eval-transformed val set in the object store up to this
+VAL_IN_MEMORY_BYTES = 256 * 2**20  # val sets up to this (as uint8) are transformed once and shared
 METRICS = "metrics.jsonl"
 
 
@@ -206,20 +208,23 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 
     clock = augment.epoch_clock(loop_cfg["clock_name"])
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_data = ray.get(loop_cfg["val_ref"]) if loop_cfg.get("val_ref") is not None else None
+    val_shard = ray.train.get_dataset_shard("val") if val_data is None else None
     for epoch in range(start_epoch, cfg.train.epochs):
         ray.get(clock.set.remote(epoch))  # every rank sets it before the epoch's data flows
         torch.manual_seed(cfg.train.seed * 1000 + epoch * world + rank)  # mixup draws
         loader = _batches(train_shard.iter_batches(
             batch_size=cfg.train.batch_size, batch_format="numpy", local_shuffle_buffer_size=cfg.data.shuffle_buffer,
-            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank), trace=(rank, epoch))
+            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank), trace=(rank, epoch),
+            trace_dir=loop_cfg.get("trace_ids_dir"))
         freeze = epoch < cfg.train.freeze_backbone_epochs
         tr = train_one_epoch(model, loader, opt, loss_fn, step, total_steps, warmup_steps, cfg, device,
                              mixer, ema, freeze)
         step = tr["step"]
         eval_model = ema.module if ema is not None else model
-        ev = evaluate(eval_model, _batches(val_shard.iter_batches(batch_size=256, batch_format="numpy")),
-                      cfg, device, num_classes)
+        val_batches = (_memory_batches(val_data, 256) if val_data is not None
+                       else _batches(val_shard.iter_batches(batch_size=256, batch_format="numpy")))
+        ev = evaluate(eval_model, val_batches, cfg, device, num_classes)
         seen, loss_sum, correct, secs = _all_reduce([tr["seen"], tr["loss_sum"], tr["correct"], tr["seconds"]])
         # val is not split: every rank scores the whole (small) val set, so no reduce
         vloss, vn, confusion = ev["loss_sum"], ev["n"], ev["confusion"]
@@ -261,13 +266,18 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             break
 
 
-def _batches(it, trace: tuple[int, int] | None = None):
+def _memory_batches(data: dict[str, Any], batch_size: int):
+    for i in range(0, len(data["label"]), batch_size):
+        yield {"image": torch.from_numpy(data["image"][i:i + batch_size]),
+               "label": torch.from_numpy(data["label"][i:i + batch_size])}
+
+
+def _batches(it, trace: tuple[int, int] | None = None, trace_dir: str | None = None):
     """numpy batches -> torch tensors (image uint8, label int64), ids kept as strings.
 
-    With ``$IMGPIPE_TRACE_IDS`` set to a folder, the training ids each rank sees per
-    epoch are appended to ``<folder>/rank<R>-epoch<E>.txt`` (tests use it to prove
-    every image is seen exactly once per epoch)."""
-    trace_dir = os.environ.get("IMGPIPE_TRACE_IDS") if trace else None
+    With ``trace_dir`` (a local folder), the training ids each rank sees per epoch are
+    appended to ``<trace_dir>/rank<R>-epoch<E>.txt``: tests use it to prove every
+    image is seen exactly once per epoch."""
     for b in it:
         if trace_dir:
             with open(os.path.join(trace_dir, f"rank{trace[0]}-epoch{trace[1]}.txt"), "a") as f:
@@ -303,7 +313,7 @@ def run_name(cfg: Config) -> str:
     return cfg.train.run_name or f"{cfg.registry.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(cfg: Config, quiet: bool = False, datasets_override: dict | None = None) -> dict[str, Any]:
+def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None) -> dict[str, Any]:
     """``imgpipe train``: train on ``data.manifest``; returns the summary dict."""
     import ray
     import ray.data
@@ -338,15 +348,21 @@ def run(cfg: Config, quiet: bool = False, datasets_override: dict | None = None)
     train_ds = train_ds.map_batches(
         augment.AugmentBatch, fn_constructor_kwargs={"cfg": acfg, "size": size, "train": True,
                                                      "seed": cfg.train.seed, "clock_name": clock_name},
-        concurrency=cfg.augment.actors, num_cpus=AUGMENT_ACTOR_CPUS, batch_size=cfg.augment.batch_size)
+        compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors), num_cpus=AUGMENT_ACTOR_CPUS, batch_size=cfg.augment.batch_size)
     val_ds = shards.read_split(manifest, "val", columns=["image_id", "image", "label"]).map_batches(
         _eval_transform, fn_kwargs={"cfg": acfg, "size": size}, num_cpus=EVAL_TASK_CPUS, batch_size=256)
-    if manifest.rows("val") * 3 * size * size <= VAL_MATERIALIZE_BYTES:
-        # Eval transforms are deterministic: compute them once, not once per rank per epoch.
-        val_ds = val_ds.materialize()
-    datasets = {"train": train_ds, "val": val_ds}
-    if datasets_override:
-        datasets.update(datasets_override)
+    datasets = {"train": train_ds}
+    val_ref = None
+    if manifest.rows("val") * 3 * size * size <= VAL_IN_MEMORY_BYTES:
+        # Eval transforms are deterministic: run them once, and hand every rank the same
+        # uint8 arrays through the object store instead of a pipeline per rank per epoch.
+        import numpy as np
+
+        parts = list(val_ds.iter_batches(batch_size=1024, batch_format="numpy"))
+        val_ref = ray.put({"image": np.concatenate([b["image"] for b in parts]),
+                           "label": np.concatenate([b["label"] for b in parts])})
+    else:
+        datasets["val"] = val_ds
 
     meta = {"arch": cfg.model.arch, "classes": manifest.classes, "image_size": size,
             "mean": cfg.augment.mean, "std": cfg.augment.std, "eval_preset": cfg.augment.preset,
@@ -355,7 +371,8 @@ def run(cfg: Config, quiet: bool = False, datasets_override: dict | None = None)
             "pretrained": cfg.model.pretrained}
     loop_cfg = {"config": config.to_dict(cfg), "classes": manifest.classes, "train_rows": manifest.rows("train"),
                 "meta": meta, "run_uri": run_uri, "clock_name": clock_name,
-                "pretrained_uri": pretrained_uri, "pretrained_is_artifact": pretrained_is_artifact}
+                "pretrained_uri": pretrained_uri, "pretrained_is_artifact": pretrained_is_artifact,
+                "trace_ids_dir": trace_ids_dir, "val_ref": val_ref}
     fs, fs_path = storage.pyarrow_filesystem(storage_root)
     resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:
@@ -379,11 +396,14 @@ def run(cfg: Config, quiet: bool = False, datasets_override: dict | None = None)
              name, cfg.train.num_workers, res.cpus_per_worker, res.data_cpus, manifest.rows("train"),
              manifest.rows("val"))
     t0 = time.time()
+    follower = _MetricsFollower(run_uri, cfg.train.epochs, quiet)
+    follower.start()
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the cause
         raise JobFailed(f"training run {name} failed: {_root_cause(e)}") from e
     finally:
+        follower.stop()
         ray.kill(epoch_clock)
     if result.error:
         raise JobFailed(f"training run {name} failed: {_root_cause(result.error)}")
@@ -401,6 +421,44 @@ def run(cfg: Config, quiet: bool = False, datasets_override: dict | None = None)
         "train_images_per_second": round(train_seen / max(epoch_secs, 1e-9), 1),
         "data_manifest_sha256": manifest.sha256, "classes": manifest.classes,
     }
+
+
+class _MetricsFollower(threading.Thread):
+    """Prints each epoch's line on the driver as rank 0 appends it to metrics.jsonl.
+
+    Workers' own output reaches the console only with ``--verbose``; this keeps the
+    progress a person wants (loss, accuracy, images/s, ETA) without Ray's chatter."""
+
+    def __init__(self, run_uri: str, epochs: int, quiet: bool) -> None:
+        super().__init__(daemon=True)
+        self.run_uri, self.epochs, self.quiet = run_uri, epochs, quiet
+        self.seen = len(_read_history(run_uri))  # a resumed run: print only new epochs
+        self._stop_event = threading.Event()
+        self.t0 = time.time()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(2.0):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            history = _read_history(self.run_uri)
+        except Exception:  # noqa: BLE001 - a half-written file: next poll
+            return
+        for h in history[self.seen:]:
+            self.seen += 1
+            if self.quiet:
+                continue
+            done = h["epoch"]
+            elapsed = time.time() - self.t0
+            eta = elapsed / max(1, self.seen) * max(0, self.epochs - done)
+            print(f"epoch {done}/{self.epochs}  loss {h['train_loss']:.4f}  train_acc {h['train_accuracy']:.4f}  "
+                  f"val_acc {h['val_accuracy']:.4f}  lr {h['lr']:.4f}  {h['images_per_second']:.0f} img/s  "
+                  f"ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.poll()
 
 
 def _eval_transform(batch, cfg: dict[str, Any], size: int):

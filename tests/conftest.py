@@ -65,3 +65,53 @@ def ray_local():
                  configure_logging=True, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+# ------------------------------------------------------------------ small datasets
+
+PER_CLASS = 20  # digits per class in the shared test dataset (200 images)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """An ImageFolder of real digits PNGs: <class>/<id>.png, 20 per class."""
+    from pipeline import digits
+
+    root = tmp_path_factory.mktemp("bucket") / "images"
+    digits.write_digits(str(root), limit=PER_CLASS)
+    return str(root)
+
+
+def small_config(**sections):
+    """A fast config for tests: 2 epochs, small batches; ``sections`` override."""
+    from pipeline import config
+
+    data = {"train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0.5},
+            "data": {"shard_rows": 24}, "ray": {"num_cpus": 2}}
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return config.from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def packed(digits_dir, ray_local, tmp_path_factory):
+    """The digits packed into shards (several per split); yields the dataset URI."""
+    from pipeline import shards
+
+    dst = str(tmp_path_factory.mktemp("packed") / "shards")
+    shards.pack(digits_dir, dst, small_config(), seed=0, quiet=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def trained(packed, tmp_path_factory):
+    """One short training run on ``packed`` (2 DDP workers on 2 CPUs), with id traces."""
+    from pipeline import train
+
+    runs = tmp_path_factory.mktemp("runs")
+    trace = tmp_path_factory.mktemp("trace")
+    cfg = small_config(data={"manifest": packed}, train={"storage": str(runs), "run_name": "t1"})
+    summary = train.run(cfg, quiet=True, trace_ids_dir=str(trace))
+    summary["trace_dir"] = str(trace)
+    summary["config"] = cfg
+    return summary

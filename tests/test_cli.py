@@ -1,0 +1,49 @@
+"""The command line: exit codes and one-line errors for bad input (no traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def imgpipe(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["pack", "/nonexistent/src", "/tmp/x-dst"], "source not found: /nonexistent/src"),
+    (["train", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
+    (["train", "/dev/null", "--set", "train.epoch=3"], "unknown config key 'train.epoch'; valid keys in 'train': epochs"),
+    (["train", "/dev/null", "--set", "train.epochs=many"], "config key 'train.epochs' must be an integer"),
+    (["train", "/dev/null"], "data.manifest is not set"),
+    (["predict", "--model", "digits@v7", "--input", "/tmp", "--output", "/tmp/o", "--set", "registry.uri=/nonexistent-reg"],
+     "model not found: digits@v7"),
+    (["evaluate", "--model", "/nonexistent/ckpt", "--data", "/nonexistent/ds"], "model not found"),
+    (["models", "show", "nope@v1", "--registry", "/nonexistent-reg"], "nope"),
+])
+def test_bad_input_exits_2_with_one_line(args, needle):
+    r = imgpipe(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("imgpipe: error:"), r.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_empty_folder_exits_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = imgpipe("pack", str(tmp_path / "empty"), str(tmp_path / "dst"))
+    assert r.returncode == 2 and "no images found" in r.stderr
+
+
+def test_help_lists_every_command():
+    r = imgpipe("--help")
+    for cmd in ("demo", "pack", "train", "evaluate", "predict", "models", "retrain", "submit"):
+        assert cmd in r.stdout
+
+
+def test_models_list_prints_json(tmp_path):
+    r = imgpipe("models", "list", "--registry", str(tmp_path))
+    assert r.returncode == 0
+    assert json.loads(r.stdout.strip().splitlines()[-1])["models"] == []

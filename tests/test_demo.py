@@ -1,0 +1,26 @@
+"""The demo cycle at small size on local Ray, end to end."""
+
+import os
+
+import pyarrow.parquet as pq
+
+from pipeline import demo, registry
+from tests.conftest import small_config
+
+
+def test_demo_small_cycle(tmp_path, ray_local):
+    cfg = small_config(data={"shard_rows": 0})
+    s = demo.run(str(tmp_path / "wd"), cfg, quiet=True, limit_per_class=15)
+    keys = {"test_accuracy", "train_images", "val_images", "test_images", "predictions_uri", "predictions_rows",
+            "model", "model_uri", "registry_uri", "seconds", "train_images_per_second", "predict_images_per_second"}
+    assert keys <= set(s)
+    assert (s["train_images"], s["val_images"], s["test_images"]) == (110, 20, 20)
+    assert s["predictions_rows"] == s["test_images"]
+    assert s["model"] == "digits@v1" and s["promoted"] is True
+    assert registry.champion(s["registry_uri"], "digits")["version"] == 1
+    # the predictions were made from the PNG files, not the shards
+    t = pq.read_table(os.path.join(s["predictions_uri"], sorted(
+        f for f in os.listdir(s["predictions_uri"]) if f.startswith("part-"))[0]))
+    assert all(src.endswith(".png") and "/bucket/images/" in src for src in t.column("source").to_pylist())
+    assert os.path.exists(os.path.join(s["predictions_uri"], "_SUCCESS"))
+    assert 0.0 <= s["test_accuracy"] <= 1.0

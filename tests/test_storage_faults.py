@@ -1,0 +1,134 @@
+"""Object-store faults, through a fault-injecting proxy in front of the moto server.
+
+Throttling (503 SlowDown), 500s and connection resets are retried with backoff;
+403/404 fail at once with a message naming the URI; a fault that persists ends in
+StorageError after a bounded number of attempts. The proxy counts what reaches it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from pipeline import storage
+from tests.s3_fault_proxy import FaultProxy
+
+RETRIES = 4
+BOTOCORE_ATTEMPTS = 2  # storage.filesystem: botocore total_max_attempts
+
+
+@pytest.fixture
+def proxy(s3_server, s3_bucket):
+    """A FaultProxy in front of the moto server; storage is configured to go through it."""
+    old_opts, old_env = storage.default_options(), os.environ.get("AWS_ENDPOINT_URL")
+    with FaultProxy(s3_server) as p:
+        storage.configure(storage.StorageOptions(endpoint_url=p.url, retries=RETRIES, backoff_s=0.01))
+        try:
+            yield p
+        finally:
+            storage.configure(old_opts)
+            if old_env is None:
+                os.environ.pop("AWS_ENDPOINT_URL", None)
+            else:
+                os.environ["AWS_ENDPOINT_URL"] = old_env
+            for key in [k for k in storage._fs_cache if p.url in k]:
+                del storage._fs_cache[key]
+
+
+@pytest.fixture
+def direct(s3_server):
+    """The moto server's filesystem, bypassing the proxy (to seed and check objects)."""
+    return storage.filesystem("s3://x", storage.StorageOptions(endpoint_url=s3_server))[0]
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[1]
+
+
+def test_get_slowdown_twice_then_success(proxy, direct, s3_bucket):
+    direct.pipe_file(f"{_bucket(s3_bucket)}/a/key.png", b"\x89PNG data")
+    fault = proxy.add_fault(method="GET", path_contains="/a/key.png", status=503, code="SlowDown", times=2)
+    assert storage.read_bytes(f"{s3_bucket}/a/key.png") == b"\x89PNG data"
+    assert fault.hits == 2
+    assert proxy.count("GET", "/a/key.png") == 3
+
+
+def test_put_internal_error_twice_then_success(proxy, direct, s3_bucket):
+    fault = proxy.add_fault(method="PUT", path_contains="/out.bin", status=500, code="InternalError", times=2)
+    storage.write_bytes(f"{s3_bucket}/out.bin", b"payload")
+    assert fault.hits == 2
+    assert proxy.count("PUT", "/out.bin") == 3
+    assert direct.cat_file(f"{_bucket(s3_bucket)}/out.bin") == b"payload"
+
+
+def test_listing_page_slowdown_then_success(proxy, direct, s3_bucket):
+    names = [f"img/{c}/{i}.jpg" for c in ("cat", "dog") for i in range(3)]
+    for n in names:
+        direct.pipe_file(f"{_bucket(s3_bucket)}/{n}", b"x")
+    fault = proxy.add_fault(method="GET", path_contains="list-type=2", status=503, code="SlowDown", times=2)
+    uris = [f.uri for f in storage.iter_files(f"{s3_bucket}/img", (".jpg",))]
+    assert uris == sorted(f"{s3_bucket}/{n}" for n in names)
+    assert fault.hits == 2
+    assert proxy.count("GET", "list-type=2") == 3
+
+
+def test_persistent_slowdown_is_bounded_and_names_uri(proxy, direct, s3_bucket):
+    direct.pipe_file(f"{_bucket(s3_bucket)}/hot.png", b"x")
+    proxy.add_fault(method="GET", path_contains="/hot.png", status=503, code="SlowDown", times=None)
+    uri = f"{s3_bucket}/hot.png"
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match=re.escape(uri)) as info:
+        storage.read_bytes(uri)
+    elapsed = time.monotonic() - t0
+    attempts = proxy.count("GET", "/hot.png")
+    # every attempt of retry() reached the server; no hidden inner retry loop multiplies them
+    assert RETRIES < attempts <= RETRIES * BOTOCORE_ATTEMPTS
+    assert f"after {RETRIES} attempts" in str(info.value)
+    assert elapsed < 8  # tiny backoff_s; botocore's own jitter is at most 1 s per call
+
+
+def test_forbidden_fails_at_once(proxy, direct, s3_bucket):
+    direct.pipe_file(f"{_bucket(s3_bucket)}/secret.png", b"x")
+    proxy.add_fault(path_contains="/secret.png", status=403, code="AccessDenied", times=None)
+    uri = f"{s3_bucket}/secret.png"
+    with pytest.raises(storage.Forbidden, match=re.escape(uri)):
+        storage.read_bytes(uri)
+    with pytest.raises(storage.Forbidden, match=re.escape(uri)):
+        storage.write_bytes(uri, b"y")
+    # HEAD (s3fs sizes the object first) answered 403 at once, or GET did; no retry loop
+    assert proxy.count(None, "/secret.png") <= 2
+    assert proxy.count("GET", "/secret.png") <= 1 and proxy.count("PUT", "/secret.png") == 1
+    assert direct.cat_file(f"{_bucket(s3_bucket)}/secret.png") == b"x"
+
+
+def test_missing_key_is_not_found_at_once(proxy, direct, s3_bucket):
+    uri = f"{s3_bucket}/nope/missing.png"
+    with pytest.raises(storage.NotFound, match=re.escape(uri)):
+        storage.read_bytes(uri)
+    assert proxy.count("HEAD", "/nope/missing.png") == 1
+    assert proxy.count("GET", "/nope/missing.png") == 0
+    # a 404 on the GET itself (object deleted between HEAD and GET): not retried either
+    direct.pipe_file(f"{_bucket(s3_bucket)}/gone.png", b"x")
+    proxy.add_fault(method="GET", path_contains="/gone.png", status=404, code="NoSuchKey", times=None)
+    with pytest.raises(storage.NotFound, match=re.escape(f"{s3_bucket}/gone.png")):
+        storage.read_bytes(f"{s3_bucket}/gone.png")
+    assert proxy.count("GET", "/gone.png") == 1
+
+
+@pytest.mark.parametrize("resets", [1, 2])  # 2: botocore gives up, storage.retry goes on
+def test_connection_reset_then_success(proxy, direct, s3_bucket, resets):
+    direct.pipe_file(f"{_bucket(s3_bucket)}/r.png", b"data")
+    fault = proxy.add_fault(method="GET", path_contains="/r.png", reset=True, times=resets)
+    assert storage.read_bytes(f"{s3_bucket}/r.png") == b"data"
+    assert fault.hits == resets
+    assert proxy.count("GET", "/r.png") == resets + 1
+
+
+def test_proxy_is_loopback_only(s3_server):
+    with pytest.raises(ValueError, match="loopback"):
+        FaultProxy("http://10.1.2.3:9000")
+    with pytest.raises(ValueError, match="loopback"):
+        FaultProxy(s3_server, host="0.0.0.0")

@@ -1,0 +1,101 @@
+"""Ray Train on a 2-CPU local Ray: no starvation, exact epochs, checkpoints, resume."""
+
+import collections
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import artifact, shards, storage, train
+from pipeline.config import load
+from pipeline.errors import UserError
+from pipeline.runtime import train_resources
+from tests.conftest import small_config
+
+
+def test_resources_leave_room_for_ray_data():
+    cfg = load()
+    r = train_resources(cfg, 2.0)
+    assert r.cpus_per_worker * 2 + 1.0 + 0.2 <= 2.0  # workers + augment actor + a read task
+    assert r.cpus_per_worker == 0.25 and r.data_cpus == 1.5
+    big = train_resources(load(None, ["augment.actors=4"]), 64.0)
+    assert big.cpus_per_worker == 1.0
+
+
+@pytest.mark.timeout(600)  # a starved run hangs forever: fail instead
+def test_two_workers_train_on_two_cpus(trained):
+    """Runs the default shape (2 DDP workers + augment actor pool) on 2 logical CPUs."""
+    assert trained["epochs"] == 2
+    hist = [json.loads(x) for x in open(os.path.join(trained["run_uri"], "metrics.jsonl"))]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert all(0.0 <= h["val_accuracy"] <= 1.0 and h["train_loss"] > 0 for h in hist)
+    assert hist[-1]["val_images"] == 30
+    assert trained["train_images_per_second"] > 0
+
+
+def test_every_training_image_once_per_epoch(trained, packed):
+    m = shards.read_manifest(packed)
+    ids = collections.Counter()
+    for t in shards.iter_split(m, "train", columns=["image_id"]):
+        ids.update(t.column("image_id").to_pylist())
+    trace = trained["trace_dir"]
+    for epoch in (0, 1):
+        seen = collections.Counter()
+        per_rank = []
+        for rank in (0, 1):
+            lines = open(os.path.join(trace, f"rank{rank}-epoch{epoch}.txt")).read().split()
+            per_rank.append(len(lines))
+            seen.update(lines)
+        assert per_rank[0] == per_rank[1], "ranks must run the same number of samples"
+        missing = ids - seen
+        extra = seen - ids
+        assert not extra, f"duplicated or foreign ids in epoch {epoch}: {list(extra)[:3]}"
+        # equal split drops at most world_size - 1 images, and reports it
+        dropped = sum(missing.values())
+        assert dropped == len(ids) % 2 == json.loads(open(os.path.join(trained["run_uri"], "metrics.jsonl")).readline())["dropped_train_images"]
+
+
+def test_checkpoint_is_a_model_artifact(trained):
+    art = artifact.load(trained["best_checkpoint_uri"])
+    assert art.meta["arch"] == "smallcnn" and art.classes == [str(i) for i in range(10)]
+    assert art.meta["data_manifest_sha256"] == trained["data_manifest_sha256"]
+    assert os.path.exists(os.path.join(trained["best_checkpoint_uri"], "train_state.pt"))
+    assert os.path.exists(os.path.join(trained["run_uri"], "config.yaml"))
+
+
+def test_rerun_same_name_resumes(trained):
+    cfg = trained["config"]
+    cfg.train.epochs = 3
+    again = train.run(cfg, quiet=True)
+    hist = [json.loads(x) for x in open(os.path.join(again["run_uri"], "metrics.jsonl"))]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]  # epochs 1-2 restored, only 3 trained
+    assert again["run_uri"] == trained["run_uri"]
+
+
+def test_missing_manifest_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="data.manifest is not set"):
+        train.run(small_config(), quiet=True)
+    with pytest.raises(UserError, match="no dataset at"):
+        train.run(small_config(data={"manifest": str(tmp_path)}), quiet=True)
+
+
+def test_unknown_arch_lists_choices(packed):
+    with pytest.raises(UserError, match="unknown model.arch 'resnet9000'; valid: smallcnn, alexnet"):
+        train.run(small_config(data={"manifest": packed}, model={"arch": "resnet9000"}), quiet=True)
+
+
+def test_train_on_s3(packed, s3_bucket, s3_server, tmp_path):
+    """Shards read from and checkpoints written to s3:// through the moto server."""
+    fs, path = storage.filesystem(s3_bucket)
+    fs.put(packed, f"{path}/shards", recursive=True)
+    cfg = small_config(data={"manifest": s3_bucket + "/shards"},
+                       train={"storage": s3_bucket + "/runs", "run_name": "s3run", "epochs": 1},
+                       storage={"s3": {"endpoint_url": s3_server}})
+    out = train.run(cfg, quiet=True)
+    assert out["best_checkpoint_uri"].startswith(s3_bucket + "/runs/s3run/checkpoint_")
+    art = artifact.load(out["best_checkpoint_uri"])
+    assert art.meta["epoch"] == 1
+    lines = storage.read_text(s3_bucket + "/runs/s3run/metrics.jsonl").splitlines()
+    assert len(lines) == 1
+    assert pq  # pyarrow used by fixtures
