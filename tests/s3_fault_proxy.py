@@ -3,6 +3,7 @@
     proxy = FaultProxy("http://127.0.0.1:5000")      # in front of the moto server
     proxy.add_fault(method="GET", path_contains="key.png", status=503, code="SlowDown", times=2)
     proxy.add_fault(path_contains="x.bin", reset=True, times=1)  # close without a response
+    proxy.add_fault(path_contains="x.bin", truncate=True)  # headers, half the body, reset
     ... point the client at proxy.url ...
     proxy.count("GET", "key.png")                    # attempts the proxy saw
     proxy.stop()
@@ -59,6 +60,7 @@ class Fault:
     code: str = "SlowDown"
     times: int | None = 1  # None: every matching request
     reset: bool = False  # close the connection (RST) without a response
+    truncate: bool = False  # forward, but cut the body in half and reset (status is unused)
     hits: int = 0  # requests this rule answered
 
     def matches(self, method: str, target: str) -> bool:
@@ -154,13 +156,9 @@ class FaultProxy:
                 fault = proxy._pick(method, target)
                 if fault is not None and fault.reset:
                     proxy._log(method, target, "reset")
-                    # SO_LINGER 0: close() sends RST instead of FIN -> "connection reset"
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                               struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    self.connection.close()
+                    self._reset()
                     return
-                if fault is not None:
+                if fault is not None and not fault.truncate:
                     proxy._log(method, target, fault.status)
                     payload = b"" if method == "HEAD" else error_body(fault.code)
                     self.send_response(fault.status)
@@ -177,10 +175,10 @@ class FaultProxy:
                 try:
                     conn.request(method, target, body=body or None, headers=headers)
                     resp = conn.getresponse()
-                    proxy._log(method, target, resp.status)
+                    proxy._log(method, target, "truncated" if fault else resp.status)
                     length = resp.getheader("Content-Length")
                     data = None
-                    if length is None:  # upstream sent chunks: re-frame with a length
+                    if length is None or fault:  # chunked upstream: re-frame with a length
                         data = resp.read()
                         length = str(len(data))
                     self.send_response(resp.status, resp.reason)
@@ -189,13 +187,23 @@ class FaultProxy:
                             self.send_header(k, v)
                     self.send_header("Content-Length", length)  # HEAD: the object's size
                     self.end_headers()
-                    if data is not None:
+                    if fault:  # truncate
+                        self.wfile.write(data[: len(data) // 2])
+                        self.wfile.flush()
+                        self._reset()
+                    elif data is not None:
                         self.wfile.write(data)
                     else:  # stream (http.client returns b"" for HEAD / 204 / 304)
                         while chunk := resp.read(65536):
                             self.wfile.write(chunk)
                 finally:
                     conn.close()
+
+            def _reset(self) -> None:
+                # SO_LINGER 0: close() sends RST instead of FIN -> "connection reset"
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
