@@ -52,6 +52,9 @@ SCORE_BINS = 20  # score histogram: equal bins over [0, 1]
 MAX_BARS = 30  # class bar charts show at most this many classes (all of them stay in the JSON)
 MAX_ANNOTATED_CLASSES = 30  # confusion matrix cells get their counts written up to this size
 DPI = 100
+TRAIN_PLOTS = ("loss.png", "accuracy.png", "lr.png", "throughput.png", "confusion.png",
+               "per_class_accuracy.png", "misclassified.png")
+PREDICT_PLOTS = ("class_distribution.png", "score_histogram.png", "errors.png")
 
 # -------------------------------------------------------------------- plotting helpers
 
@@ -85,7 +88,12 @@ def _line_plot(epochs: list[float], series: list[tuple[str, list[float]]], title
     ax.set_title(title)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(epochs) <= 20:
+        ax.set_xticks(epochs, [f"{e:g}" for e in epochs])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(epochs) == 1:
+        ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
     if ylim is not None:
         ax.set_ylim(*ylim)
     if logy and all(y > 0 for _, ys in series for y in ys):
@@ -98,7 +106,7 @@ def _line_plot(epochs: list[float], series: list[tuple[str, list[float]]], title
 
 def _confusion_plot(cm: np.ndarray, classes: list[str]) -> bytes:
     n = len(classes)
-    side = min(max(4.5, 0.45 * n + 2.0), 24.0)
+    side = min(max(4.5, 0.45 * n + 2.0), 14.0)
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
@@ -106,15 +114,17 @@ def _confusion_plot(cm: np.ndarray, classes: list[str]) -> bytes:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     total, correct = int(cm.sum()), int(np.trace(cm))
     acc = correct / total if total else 0.0
-    ax.set_title(f"Confusion matrix: {total} images, accuracy {acc:.4f}\n(cell text = count)")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if n <= 60:
+    annotate = n <= MAX_ANNOTATED_CLASSES
+    ax.set_title(f"Confusion matrix: {total} images, accuracy {acc:.4f}" + ("\n(cell text = count)" if annotate else ""))
+    named = n <= 60
+    ax.set_xlabel("predicted class" if named else "predicted class (index in classes)")
+    ax.set_ylabel("true class" if named else "true class (index in classes)")
+    if named:
         names = [_short(c, 12) for c in classes]
         ax.set_xticks(range(n), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right"
                       if max(map(len, names)) > 2 else "center")
         ax.set_yticks(range(n), names)
-    if n <= MAX_ANNOTATED_CLASSES:
+    if annotate:
         size = 10 if n <= 12 else 8 if n <= 20 else 6
         for i in range(n):
             for j in range(n):
@@ -125,11 +135,13 @@ def _confusion_plot(cm: np.ndarray, classes: list[str]) -> bytes:
 
 def _bar_plot(names: list[str], values: list[float], title: str, ylabel: str, xlabel: str,
               ylim: tuple[float, float] | None = None, labels: list[str] | None = None,
-              color: str = "tab:blue") -> bytes:
+              color: str = "tab:blue", counts: bool = False) -> bytes:
     n = len(names)
     fig, ax = plt.subplots(figsize=(min(max(6.0, 0.42 * n + 1.5), 20.0), 4.4))
     shown = [_short(c) for c in names]
-    bars = ax.bar(range(n), values, color=color)
+    bars = ax.bar(range(n), values, color=color, width=0.8 if n > 4 else 0.5)
+    if counts:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xticks(range(n), shown, rotation=45 if max(map(len, shown), default=0) > 3 else 0,
                   ha="right" if max(map(len, shown), default=0) > 3 else "center")
     ax.set_title(title)
@@ -151,6 +163,20 @@ def _note_plot(title: str, text: str) -> bytes:
     ax.set_title(title)
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, transform=ax.transAxes)
     return _png(fig)
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"not JSON serializable: {type(v).__name__}")
+
+
+def _write_json(uri: str, obj: Any) -> None:
+    """Like storage.write_json, but numpy scalars/arrays (from callers' dicts) are fine too."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    storage.write_bytes(uri, text.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------- HTML helpers
@@ -202,6 +228,12 @@ class _Plots:
     @property
     def names(self) -> list[str]:
         return [n for n, _, _ in self.items]
+
+    def drop_stale(self, known: tuple[str, ...]) -> None:
+        """Remove plots of an earlier report that this one did not draw (e.g. no mistakes now)."""
+        for name in known:
+            if name not in self.names:
+                storage.remove(storage.join(self.folder, name))
 
 
 # ----------------------------------------------------------------------- train report
@@ -292,7 +324,8 @@ def write_train_report(run_uri: str, evaluation: dict | None = None, model_uri: 
     except storage.NotFound:
         pass
     report["plots"] = plots.names
-    storage.write_json(storage.join(folder, JSON_NAME), report)
+    plots.drop_stale(TRAIN_PLOTS)
+    _write_json(storage.join(folder, JSON_NAME), report)
     html_uri = storage.join(run_uri, HTML_NAME)
     storage.write_bytes(html_uri, _page(f"Training report: {run_name}", sections).encode("utf-8"))
     return html_uri
@@ -446,17 +479,17 @@ def _grid_plot(items: list[dict[str, Any]], blobs: list[bytes]) -> bytes:
     n = len(items)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.9 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.9 * rows + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, item, data in zip(axes.flat, items, blobs):
         img = images.decode_rgb(data)
         small = max(img.shape[:2]) < 96
         ax.imshow(img, interpolation="nearest" if small else "antialiased")
-        ax.set_title(f"true {_short(item['true'], 10)} / pred {_short(item['pred'], 10)}\n(p={item['prob']:.2f})",
+        ax.set_title(f"true {_short(item['true'], 10)} / pred {_short(item['pred'], 10)} (p={item['prob']:.2f})",
                      fontsize=9)
     fig.suptitle(f"The {n} most confident wrong predictions", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.5, rect=(0.0, 0.0, 1.0, 0.98 if rows > 1 else 0.93))
     return _png(fig)
 
 
@@ -512,7 +545,10 @@ def write_predict_report(dst: str) -> str:
 
     folder = storage.join(dst, PREDICT_REPORT_DIR)
     plots = _Plots(folder)
-    classes = sorted(by_class)
+    model_classes = _model_classes(success)
+    for c in model_classes:  # classes never predicted show as zero bars
+        by_class.setdefault(c, 0)
+    classes = [*model_classes, *sorted(set(by_class) - set(model_classes))]
     title = "Predicted class distribution"
     shown = classes
     if len(classes) > MAX_BARS:
@@ -521,7 +557,7 @@ def write_predict_report(dst: str) -> str:
     if rows:
         dist = plots.add("class_distribution.png", "predicted class distribution", _bar_plot(
             shown, [by_class[c] for c in shown], title, "images", "predicted class",
-            labels=[str(by_class[c]) for c in shown]))
+            labels=[str(by_class[c]) for c in shown], counts=True))
         hist_png = plots.add("score_histogram.png", "score histogram", _hist_plot(edges, hist, rows))
     else:
         dist = plots.add("class_distribution.png", "predicted class distribution",
@@ -531,7 +567,7 @@ def write_predict_report(dst: str) -> str:
         names = sorted(errors, key=lambda r: (-errors[r], r))
         err_png = plots.add("errors.png", "errors by reason", _bar_plot(
             names, [errors[r] for r in names], f"Undecodable images by reason ({error_rows} in all)",
-            "images", "reason", labels=[str(errors[r]) for r in names], color="tab:red"))
+            "images", "reason", labels=[str(errors[r]) for r in names], color="tab:red", counts=True))
     else:
         err_png = plots.add("errors.png", "errors by reason",
                             _note_plot("Undecodable images by reason", "no errors: every image was decoded"))
@@ -546,7 +582,8 @@ def write_predict_report(dst: str) -> str:
         "errors_by_reason": dict(sorted(errors.items())),
         "plots": plots.names,
     }
-    storage.write_json(storage.join(folder, JSON_NAME), report)
+    plots.drop_stale(PREDICT_PLOTS)
+    _write_json(storage.join(folder, JSON_NAME), report)
     summary = [["predictions", dst], ["model", success.get("model", "")], ["run id", success.get("run_id", "")],
                ["committed", success.get("committed", "")], ["rows", rows], ["undecodable images", error_rows],
                ["part files", report["files"]], ["error files", report["error_files"]]]
@@ -574,6 +611,19 @@ def write_predict_report(dst: str) -> str:
     return html_uri
 
 
+def _model_classes(success: dict[str, Any]) -> list[str]:
+    """The model's class list from its artifact (``_SUCCESS`` names it), or [] if unreadable."""
+    from pipeline import artifact
+
+    uri = success.get("model_uri")
+    if not uri:
+        return []
+    try:
+        return [str(c) for c in artifact.read_meta(uri).get("classes", [])]
+    except Exception:  # noqa: BLE001 - the report still works from the predictions alone
+        return []
+
+
 def _hist_plot(edges: np.ndarray, counts: np.ndarray, rows: int) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="white", color="tab:green")
@@ -581,6 +631,7 @@ def _hist_plot(edges: np.ndarray, counts: np.ndarray, rows: int) -> bytes:
     ax.set_xlabel("score (probability of the predicted class)")
     ax.set_ylabel("images")
     ax.set_xlim(0.0, 1.0)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, axis="y", alpha=0.3)
     return _png(fig)
 

@@ -144,13 +144,15 @@ def test_train_report_worst_limit_and_max_images(run_folder):
 
 
 def test_train_report_metrics_only(run_folder):
-    run, *_ = run_folder
-    uri = report.write_train_report(run)
+    run, model_uri, data_uri, _, evaluation = run_folder
+    report.write_train_report(run, evaluation=evaluation, model_uri=model_uri, data_uri=data_uri)
+    uri = report.write_train_report(run)  # a later, smaller report drops the plots it no longer draws
     _check_self_contained(uri)
     rep = json.load(open(os.path.join(run, "report", "report.json")))
     assert rep["plots"] == ["loss.png", "accuracy.png", "lr.png", "throughput.png"]
     assert rep["evaluation"] is None and rep["misclassified"] is None
     _check_pngs(os.path.join(run, "report"), rep["plots"])
+    assert sorted(os.listdir(os.path.join(run, "report"))) == sorted([*rep["plots"], "report.json"])
 
 
 def test_train_report_needs_metrics(tmp_path):
@@ -208,10 +210,14 @@ def test_predict_report_no_errors_and_uncommitted(tmp_path):
     _write_pq(os.path.join(dst, "part-1.parquet"), _pred_table(["a", "b"], [0.9, 0.8]))
     with pytest.raises(UserError, match="_SUCCESS"):
         report.write_predict_report(dst)
+    model_uri = str(tmp_path / "model")
+    storage.write_json(os.path.join(model_uri, "meta.json"), {"arch": "smallcnn", "classes": CLASSES})
     storage.write_json(os.path.join(dst, "_SUCCESS"), {"rows": 2, "errors": 0, "files": ["part-1.parquet"],
-                                                       "error_files": [], "model": "m@v1"})
+                                                       "error_files": [], "model": "m@v1",
+                                                       "model_uri": model_uri})
     report.write_predict_report(dst)
     rep = json.load(open(os.path.join(dst, "_report", "report.json")))
+    assert rep["counts_by_class"] == {"a": 1, "b": 1, "c": 0}  # the model's classes, never-predicted too
     assert rep["errors"] == 0 and rep["errors_by_reason"] == {}
     assert "errors.png" in rep["plots"]  # a text note instead of bars
     _check_pngs(os.path.join(dst, "_report"), rep["plots"])
@@ -224,15 +230,28 @@ def test_tensorboard(tmp_path):
     events = os.listdir(os.path.join(run, "tensorboard"))
     assert len(events) == 1 and events[0].startswith("events.out.tfevents.")
     assert os.path.getsize(os.path.join(run, "tensorboard", events[0])) > 100
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        return
-    acc = EventAccumulator(os.path.join(run, "tensorboard"))
-    acc.Reload()
-    vals = [e.value for e in acc.Scalars("accuracy/val")]
-    assert vals == pytest.approx([h["val_accuracy"] for h in HISTORY])
-    assert [e.step for e in acc.Scalars("loss/train")] == [1, 2, 3]
+    scalars = _read_scalars(os.path.join(run, "tensorboard", events[0]))
+    assert [v for _, v in scalars["accuracy/val"]] == pytest.approx([h["val_accuracy"] for h in HISTORY])
+    assert [step for step, _ in scalars["loss/train"]] == [1, 2, 3]
+    assert "lr" in scalars and "throughput/images_per_second" in scalars
+
+
+def _read_scalars(path: str) -> dict[str, list[tuple[int, float]]]:
+    """Parse a TensorBoard event file (TFRecord framing: u64 length, u32 crc, data, u32 crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        pos += 12 + n + 4
+        for v in ev.summary.value:
+            out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
 
 
 def test_tensorboard_skips_s3():
