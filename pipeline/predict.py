@@ -449,6 +449,9 @@ def _commit(dst, name, art, run_id, src, listing, results, files, committed_file
            "seconds": round(seconds, 3), "images_per_second": round(scored / max(seconds, 1e-9), 1)}
     if labelled:
         out["accuracy"] = round(sum(r["correct"] for r in results) / labelled, 6)
+    from pipeline import report
+
+    out["report"] = report.write_predict_report(dst)
     log.info("predict: %d rows, %d errors in %d files -> %s (%.1fs)", rows, errors, len(all_files), dst, seconds)
     return out
 

@@ -414,13 +414,33 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None) -> d
     seconds = time.time() - t0
     train_seen = sum(h["train_images"] for h in history)
     epoch_secs = sum(h["epoch_seconds"] for h in history)
+    test, report_uri = _test_and_report(cfg, run_uri, best_uri, manifest, history, quiet)
     return {
+        "test_accuracy": test["accuracy"] if test else None, "test": test, "report": report_uri,
         "run": name, "run_uri": run_uri, "best_checkpoint_uri": best_uri,
         "best_val_accuracy": best_metrics.get("val_accuracy"), "best_epoch": best_metrics.get("epoch"),
         "epochs": len(history), "final": result.metrics, "seconds": round(seconds, 2),
         "train_images_per_second": round(train_seen / max(epoch_secs, 1e-9), 1),
         "data_manifest_sha256": manifest.sha256, "classes": manifest.classes,
     }
+
+
+def _test_and_report(cfg: Config, run_uri: str, best_uri: str, manifest: shards.Manifest,
+                     history: list[dict[str, Any]], quiet: bool) -> tuple[dict[str, Any] | None, str]:
+    """Score the best checkpoint on the test split; write report.html and TensorBoard files."""
+    from pipeline import evaluate, report
+
+    test = None
+    if manifest.rows("test") > 0:
+        test = evaluate.run(best_uri, manifest.root, "test", cfg, quiet=quiet)
+    if not storage.is_remote(run_uri):
+        report.write_tensorboard(run_uri, history)
+    uri = report.write_train_report(run_uri, evaluation=test, model_uri=best_uri if test else None,
+                                    data_uri=manifest.root if test else None)
+    if not quiet:
+        acc = f"test accuracy {test['accuracy']:.4f}; " if test else ""
+        print(f"train: {acc}report {uri}", file=sys.stderr, flush=True)
+    return test, uri
 
 
 class _MetricsFollower(threading.Thread):

@@ -24,3 +24,12 @@ def test_demo_small_cycle(tmp_path, ray_local):
     assert all(src.endswith(".png") and "/bucket/images/" in src for src in t.column("source").to_pylist())
     assert os.path.exists(os.path.join(s["predictions_uri"], "_SUCCESS"))
     assert 0.0 <= s["test_accuracy"] <= 1.0
+    # the run report: numbers match the run
+    import json
+    assert s["report"].endswith("report.html") and os.path.exists(s["report"])
+    rep = json.load(open(os.path.join(os.path.dirname(s["report"]), "report", "report.json")))
+    assert rep["evaluation"]["confusion_sum"] == s["test_images"]
+    assert abs(rep["evaluation"]["confusion_trace"] / s["test_images"] - s["test_accuracy"]) < 1e-9
+    hist = [json.loads(x) for x in open(os.path.join(s["run_uri"], "metrics.jsonl"))]
+    assert rep["final_val_accuracy"] == hist[-1]["val_accuracy"]
+    assert os.path.exists(os.path.join(s["predictions_uri"], "_report", "report.html"))

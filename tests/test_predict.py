@@ -42,7 +42,7 @@ def _images(tmp_path, digits_dir, n=60, bad=True):
 
 def test_predict_prefix_schema_errors(trained, digits_dir, tmp_path):
     src, n = _images(tmp_path, digits_dir)
-    cfg = small_config(predict={"topk": 3, "rows_per_file": 25})
+    cfg = small_config(predict={"topk": 3, "rows_per_file": 25}, data={"max_bad_fraction": 0.05})
     out = predict.run(trained["best_checkpoint_uri"], src, str(tmp_path / "out"), cfg, quiet=True)
     t, success = _committed(str(tmp_path / "out"))
     assert [(f.name, str(f.type)) for f in t.schema] == COLUMNS
@@ -68,7 +68,7 @@ def test_predict_manifest_split_and_registry_ref(trained, packed, tmp_path):
 
 def test_bad_model_refs_fail_at_start(tmp_path, digits_dir):
     cfg = small_config(registry={"uri": str(tmp_path / "reg")})
-    with pytest.raises(UserError, match="model not found: nope@v3"):
+    with pytest.raises(UserError, match="no model .nope. in registry"):
         predict.run("nope@v3", digits_dir, str(tmp_path / "o"), cfg, quiet=True)
     with pytest.raises(UserError, match="model not found"):
         predict.run(str(tmp_path / "no-such-ckpt"), digits_dir, str(tmp_path / "o"), cfg, quiet=True)
@@ -97,7 +97,7 @@ def test_skip_existing_scores_only_new_images(trained, digits_dir, tmp_path):
     extra = sorted(f.uri for f in storage.iter_files(digits_dir))[100:105]
     import shutil
     for i, f in enumerate(extra):
-        shutil.copy(f, os.path.join(src, "5", f"new{i}.png"))
+        shutil.copy(f, os.path.join(src, "0", f"new{i}.png"))
     changed = sorted(f.uri for f in storage.iter_files(src))[0]
     time.sleep(0.01)
     with open(changed, "ab") as fh:
@@ -151,3 +151,12 @@ def test_predict_on_s3(trained, digits_dir, s3_bucket, s3_server):
     assert sorted(t.column("source").to_pylist()) == sorted(f"{s3_bucket}/in/{os.path.relpath(f, digits_dir)}" for f in files)
     data = storage.read_bytes(s3_bucket + "/out/" + success["files"][0])
     assert pq.read_table(io.BytesIO(data)).num_rows == 30
+
+
+def test_too_many_bad_images_fail_without_commit(trained, digits_dir, tmp_path):
+    from pipeline.errors import JobFailed
+
+    src, n = _images(tmp_path, digits_dir, n=20)  # 1 bad of 21 > 1%
+    with pytest.raises(JobFailed, match="data.max_bad_fraction"):
+        predict.run(trained["best_checkpoint_uri"], src, str(tmp_path / "o"), small_config(), quiet=True)
+    assert not (tmp_path / "o" / "_SUCCESS").exists()
