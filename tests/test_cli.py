@@ -18,7 +18,7 @@ def imgpipe(*args, timeout=120):
     (["train", "/dev/null", "--set", "train.epochs=many"], "config key 'train.epochs' must be an integer"),
     (["train", "/dev/null"], "data.manifest is not set"),
     (["predict", "--model", "digits@v7", "--input", "/tmp", "--output", "/tmp/o", "--set", "registry.uri=/nonexistent-reg"],
-     "model not found: digits@v7"),
+     "no model 'digits' in registry /nonexistent-reg"),
     (["evaluate", "--model", "/nonexistent/ckpt", "--data", "/nonexistent/ds"], "model not found"),
     (["models", "show", "nope@v1", "--registry", "/nonexistent-reg"], "nope"),
 ])
