@@ -106,6 +106,8 @@ class PredictConfig:
     gpu_decode: bool = False  # decode JPEG on the GPU (nvJPEG) inside the model actors
     compile: bool = False  # torch.compile the model (GPU)
     skip_existing: bool = False  # score only images not yet scored by this model version
+    input: str | None = None  # stored images that `retrain` re-scores with the champion
+    output: str | None = None  # where those predictions live
 
 
 @dataclass

@@ -64,11 +64,18 @@ class Manifest:
 
     def shard_uris(self, split: str) -> list[str]:
         self._check_split(split)
-        return [storage.join(self.root, s["path"]) for s in self.splits[split]]
+        return [shard_uri(self.root, s["path"]) for s in self.splits[split]]
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:
             raise UserError(f"split '{split}' not in {self.root}; valid: {', '.join(self.splits)}")
+
+
+def shard_uri(root: str, path: str) -> str:
+    """A manifest entry's shard URI: relative paths live under the dataset root; a
+    versioned dataset (nightly retraining) may reference other versions' shards by
+    absolute URI."""
+    return path if (path.startswith("/") or "://" in path) else storage.join(root, path)
 
 
 def manifest_root(uri: str) -> str:
@@ -107,7 +114,7 @@ def iter_split(manifest: Manifest, split: str, columns: list[str] | None = None)
     """Verified shard tables of one split, in manifest order (driver-side; small data, tests)."""
     manifest._check_split(split)
     for s in manifest.splits[split]:
-        yield read_shard(storage.join(manifest.root, s["path"]), s["sha256"], columns)
+        yield read_shard(shard_uri(manifest.root, s["path"]), s["sha256"], columns)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -223,7 +230,7 @@ def _list_shard_set(root: str) -> pa.Table:
     cols: dict[str, list] = {"source": [], "label_name": [], "size": [], "origin": [], "origin_sha256": []}
     for shards_ in m.splits.values():
         for s in shards_:
-            uri = storage.join(m.root, s["path"])
+            uri = shard_uri(m.root, s["path"])
             t = read_shard(uri, s["sha256"], columns=["source", "label"])
             for i, (src, lab) in enumerate(zip(t.column("source").to_pylist(), t.column("label").to_pylist())):
                 cols["source"].append(src)
@@ -360,8 +367,12 @@ def _rows_per_shard(cfg: Config, listing: pa.Table) -> int:
     return max(1, int(cfg.data.shard_mb * 1e6 / max(mean, 1.0)))
 
 
-def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
-    """``imgpipe pack``: list ``src``, write shards and ``manifest.json`` under ``dst``."""
+def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False,
+         classes: list[str] | None = None) -> dict[str, Any]:
+    """``imgpipe pack``: list ``src``, write shards and ``manifest.json`` under ``dst``.
+
+    ``classes`` fixes the label mapping (new data for an existing dataset must use the
+    dataset's classes); by default it is the sorted class names found in ``src``."""
     import ray.data
 
     from pipeline.runtime import READ_TASK_CPUS, ensure_ray
@@ -373,7 +384,12 @@ def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False) ->
         log.info("pack: %s is already committed (%s); nothing to do", dst, MANIFEST)
         return _summary(m, dst, time.time() - t0, already=True)
     listing = list_source(src)
-    classes = sorted(set(listing.column("label_name").to_pylist()))  # contract: sorted names
+    found = sorted(set(listing.column("label_name").to_pylist()))  # contract: sorted names
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise UserError(f"{src} has classes not in the dataset: {', '.join(unknown)}; valid: {', '.join(classes)}")
+    classes = list(classes) if classes is not None else found
     class_index = {c: i for i, c in enumerate(classes)}
     parts = assign_splits(listing, cfg.data.val_fraction, cfg.data.test_fraction, seed)
     per_shard = _rows_per_shard(cfg, listing)

@@ -1,0 +1,167 @@
+"""Nightly retraining: ``imgpipe retrain CONFIG --date YYYY-MM-DD``.
+
+For night D:
+
+1. pack the labelled images that arrived under ``data.incoming/dt=D/`` (ImageFolder)
+   with the base dataset's classes, all into ``train``;
+2. write a new dataset version ``<base>/versions/dt=D/manifest.json``: the previous
+   version's training shards plus the new ones; ``val`` and ``test`` stay the base
+   dataset's (the holdout is frozen, so scores are comparable night after night);
+3. fine-tune from the current champion (warm start; from scratch if there is none);
+4. score challenger and champion on the same holdout, register the challenger, and
+   promote it only through the gate (``registry.min_improvement``; ties keep the champion);
+5. re-score the stored images (``predict.input`` -> ``predict.output``) with the
+   champion, incrementally (``--skip-existing``).
+
+``<base>/versions/dt=D/retrain.json`` is written last: rerunning a finished date
+changes nothing and says so. A crashed night resumes: its training run has a fixed
+name (Ray Train restores it) and a version already registered from the same
+checkpoint is reused instead of registered twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import sys
+import time
+from typing import Any
+
+from pipeline import evaluate, predict, registry, shards, storage, train
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+log = logging.getLogger("imgpipe")
+
+DONE = "retrain.json"
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"retrain: {msg}", file=sys.stderr, flush=True)
+
+
+def _versions_root(base: shards.Manifest) -> str:
+    return storage.join(base.root, "versions")
+
+
+def _previous_version(base: shards.Manifest, date: str) -> shards.Manifest:
+    """The latest finished version before ``date``, else the base dataset."""
+    root = _versions_root(base)
+    done = [n for n in storage.listdir(root)
+            if n.startswith("dt=") and n[3:] < date and storage.exists(storage.join(root, n, DONE))]
+    for name in sorted(done, reverse=True):
+        if storage.exists(storage.join(root, name, shards.MANIFEST)):
+            return shards.read_manifest(storage.join(root, name))
+    return base
+
+
+def _absolute(m: shards.Manifest, split: str) -> list[dict[str, Any]]:
+    return [{**s, "path": shards.shard_uri(m.root, s["path"])} for s in m.splits.get(split, [])]
+
+
+def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
+    t0 = time.time()
+    try:
+        dt.date.fromisoformat(date)
+    except ValueError:
+        raise UserError(f"--date must be YYYY-MM-DD, got {date!r}") from None
+    if not cfg.data.manifest:
+        raise UserError("data.manifest (the base dataset, whose test split is the frozen holdout) is not set")
+    if not cfg.data.incoming:
+        raise UserError("data.incoming (prefix holding dt=YYYY-MM-DD/<class>/<image> folders) is not set")
+    base = shards.read_manifest(cfg.data.manifest)
+    name = cfg.registry.name
+    version_root = storage.join(_versions_root(base), f"dt={date}")
+    done_uri = storage.join(version_root, DONE)
+    if storage.exists(done_uri):
+        previous = storage.read_json(done_uri)
+        _say(f"{date} already done ({previous.get('outcome')}); nothing changed", quiet)
+        return {**previous, "already_done": True, "message": f"retrain for {date} already ran; nothing changed"}
+
+    incoming = storage.join(cfg.data.incoming, f"dt={date}")
+    if not storage.exists(incoming):
+        summary = {"date": date, "outcome": "no new data", "new_images": 0, "incoming": incoming}
+        _say(f"no new images at {incoming}; nothing to train", quiet)
+        storage.write_json(done_uri, summary)
+        return {**summary, "already_done": False, "seconds": round(time.time() - t0, 1)}
+
+    # 1-2. new data -> a new dataset version (holdout frozen)
+    _say(f"packing new images from {incoming}", quiet)
+    pack_cfg = copy.deepcopy(cfg)
+    pack_cfg.data.val_fraction = pack_cfg.data.test_fraction = 0.0  # all new images train
+    new = storage.join(version_root, "incoming")
+    packed = shards.pack(incoming, new, pack_cfg, seed=cfg.train.seed, quiet=quiet, classes=base.classes)
+    prev = _previous_version(base, date)
+    manifest = {
+        "format": 1, "classes": base.classes,
+        "splits": {"train": _absolute(prev, "train") + _absolute(shards.read_manifest(new), "train"),
+                   "val": _absolute(base, "val"), "test": _absolute(base, "test")},
+        "source": incoming, "parent": prev.root, "date": date,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_json(storage.join(version_root, shards.MANIFEST), manifest)
+    version = shards.read_manifest(version_root)
+
+    # 3. warm start from the champion
+    champ = registry.champion(cfg.registry.uri, name)
+    tcfg = copy.deepcopy(cfg)
+    tcfg.data.manifest = version_root
+    tcfg.train.run_name = f"{name}-retrain-{date}"
+    if champ is not None:
+        tcfg.model.pretrained = f"{name}@v{champ['version']}"
+        tcfg.model.arch = champ["arch"]
+    _say(f"training on {version.rows('train')} images ({packed['images']} new), "
+         f"{'warm start from ' + tcfg.model.pretrained if champ else 'from scratch (no champion yet)'}", quiet)
+    trained = train.run(tcfg, quiet=quiet)
+
+    # 4. same holdout for both, then the gate
+    challenger_score = trained["test_accuracy"]
+    champion_score = None
+    if champ is not None:
+        champion_score = evaluate.run(f"{name}@v{champ['version']}", version_root, "test", tcfg,
+                                      quiet=quiet)["accuracy"]
+    reg = _register_once(cfg, trained, version, champ, challenger_score)
+    decision = registry.gate(cfg.registry.uri, name, reg["version"], challenger_score=challenger_score,
+                             champion_score=champion_score, min_improvement=cfg.registry.min_improvement)
+    _say(decision["reason"], quiet)
+
+    # 5. re-score stored images with the (possibly new) champion, incrementally
+    rescored = None
+    if cfg.predict.input and cfg.predict.output:
+        pcfg = copy.deepcopy(cfg)
+        pcfg.predict.skip_existing = True
+        rescored = predict.run(f"{name}@champion", cfg.predict.input, cfg.predict.output, pcfg, quiet=quiet)
+
+    summary = {
+        "date": date, "outcome": "promoted" if decision["promoted"] else "champion kept",
+        "reason": decision["reason"], "promoted": decision["promoted"],
+        "challenger": reg["ref"], "champion": f"{name}@v{decision['champion']}",
+        "challenger_holdout_accuracy": challenger_score, "champion_holdout_accuracy": champion_score,
+        "warm_start": tcfg.model.pretrained, "new_images": packed["images"],
+        "train_images": version.rows("train"), "holdout_images": version.rows("test"),
+        "dataset_version": version_root, "data_manifest_sha256": version.sha256,
+        "run_uri": trained["run_uri"], "rescored": rescored,
+    }
+    storage.write_json(done_uri, summary)  # last: the night is done
+    return {**summary, "already_done": False, "seconds": round(time.time() - t0, 1)}
+
+
+def _register_once(cfg: Config, trained: dict[str, Any], version: shards.Manifest,
+                   champ: dict[str, Any] | None, score: float) -> dict[str, Any]:
+    """Register the run's best checkpoint, unless a crashed earlier attempt already did."""
+    name = cfg.registry.name
+    try:
+        listed = registry.list_versions(cfg.registry.uri, name)
+    except UserError:  # no such model yet
+        listed = {"versions": []}
+    for v in listed.get("versions", []):
+        meta = registry.show(cfg.registry.uri, f"{name}@v{v['version']}")
+        if meta.get("source") == trained["best_checkpoint_uri"]:
+            return meta
+    return registry.register(
+        cfg.registry.uri, name, trained["best_checkpoint_uri"],
+        metrics={"holdout_accuracy": score, "best_val_accuracy": trained["best_val_accuracy"]},
+        data_manifest_sha256=version.sha256,
+        parent=f"{name}@v{champ['version']}" if champ is not None else None)
