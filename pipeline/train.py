@@ -213,10 +213,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         ray.get(clock.set.remote(epoch))  # every rank sets it before the epoch's data flows
         torch.manual_seed(cfg.train.seed * 1000 + epoch * world + rank)  # mixup draws
-        loader = _batches(train_shard.iter_batches(
+        loader = _crash_hook(loop_cfg.get("crash_once"), rank, epoch, _batches(train_shard.iter_batches(
             batch_size=cfg.train.batch_size, batch_format="numpy", local_shuffle_buffer_size=cfg.data.shuffle_buffer,
             local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank), trace=(rank, epoch),
-            trace_dir=loop_cfg.get("trace_ids_dir"))
+            trace_dir=loop_cfg.get("trace_ids_dir")))
         freeze = epoch < cfg.train.freeze_backbone_epochs
         tr = train_one_epoch(model, loader, opt, loss_fn, step, total_steps, warmup_steps, cfg, device,
                              mixer, ema, freeze)
@@ -266,6 +266,17 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             break
 
 
+def _crash_hook(spec: dict[str, Any] | None, rank: int, epoch: int, batches):
+    """Test-only fault injection: the worker of ``spec["rank"]`` dies (``os._exit``) at
+    batch ``spec["batch"]`` of epoch index ``spec["epoch"]``, once (a marker file)."""
+    for i, b in enumerate(batches):
+        if (spec and spec["rank"] == rank and spec["epoch"] == epoch and i == spec.get("batch", 1)
+                and not os.path.exists(spec["marker"])):
+            open(spec["marker"], "w").close()
+            os._exit(1)
+        yield b
+
+
 def _memory_batches(data: dict[str, Any], batch_size: int):
     for i in range(0, len(data["label"]), batch_size):
         yield {"image": torch.from_numpy(data["image"][i:i + batch_size]),
@@ -313,8 +324,11 @@ def run_name(cfg: Config) -> str:
     return cfg.train.run_name or f"{cfg.registry.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None) -> dict[str, Any]:
-    """``imgpipe train``: train on ``data.manifest``; returns the summary dict."""
+def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
+        crash_once: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``imgpipe train``: train on ``data.manifest``; returns the summary dict.
+
+    ``trace_ids_dir`` and ``crash_once`` are test hooks (see :func:`_batches`, :func:`_crash_hook`)."""
     import ray
     import ray.data
     import ray.train
@@ -372,7 +386,7 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None) -> d
     loop_cfg = {"config": config.to_dict(cfg), "classes": manifest.classes, "train_rows": manifest.rows("train"),
                 "meta": meta, "run_uri": run_uri, "clock_name": clock_name,
                 "pretrained_uri": pretrained_uri, "pretrained_is_artifact": pretrained_is_artifact,
-                "trace_ids_dir": trace_ids_dir, "val_ref": val_ref}
+                "trace_ids_dir": trace_ids_dir, "val_ref": val_ref, "crash_once": crash_once}
     fs, fs_path = storage.pyarrow_filesystem(storage_root)
     resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:

@@ -99,3 +99,28 @@ def test_train_on_s3(packed, s3_bucket, s3_server, tmp_path):
     lines = storage.read_text(s3_bucket + "/runs/s3run/metrics.jsonl").splitlines()
     assert len(lines) == 1
     assert pq  # pyarrow used by fixtures
+
+
+@pytest.mark.timeout(600)
+def test_worker_killed_mid_epoch_recovers(packed, tmp_path):
+    """One worker dies mid-epoch after a checkpoint: Ray Train restarts the group, the
+    loop restores model/optimizer/schedule from the last checkpoint and finishes."""
+    cfg = small_config(data={"manifest": packed}, train={"storage": str(tmp_path), "run_name": "ft",
+                                                         "epochs": 3, "max_failures": 1})
+    marker = tmp_path / "crashed"
+    out = train.run(cfg, quiet=True, crash_once={"rank": 1, "epoch": 1, "batch": 1, "marker": str(marker)})
+    assert marker.exists(), "the fault was not injected"
+    hist = [json.loads(x) for x in open(os.path.join(out["run_uri"], "metrics.jsonl"))]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    steps_per_epoch = hist[0]["step"]
+    assert [h["step"] for h in hist] == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
+
+
+@pytest.mark.timeout(600)
+def test_failures_beyond_max_exit_1(packed, tmp_path):
+    from pipeline.errors import JobFailed
+
+    cfg = small_config(data={"manifest": packed}, train={"storage": str(tmp_path), "run_name": "ft0",
+                                                         "epochs": 2, "max_failures": 0})
+    with pytest.raises(JobFailed, match="training run ft0 failed"):
+        train.run(cfg, quiet=True, crash_once={"rank": 0, "epoch": 1, "batch": 0, "marker": str(tmp_path / "m")})
