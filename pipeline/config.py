@@ -55,7 +55,6 @@ class AugmentConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     actors: int = 1  # decode+augment actors in the Ray Data pool
     batch_size: int = 256  # images per map_batches call in the augment actors
-    device: Literal["cpu", "cuda"] = "cpu"  # cuda: decode + augment inside the GPU worker
 
 
 @dataclass
@@ -84,7 +83,6 @@ class TrainConfig:
     cpus_per_worker: float | None = None  # None: share the cluster, leaving room for Ray Data
     use_gpu: bool = False
     max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
-    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0: each epoch only
     num_to_keep: int = 2  # checkpoints kept besides the best
     seed: int = 0  # seeds init, shuffling and augmentation
     run_name: str | None = None  # reuse a name to resume that run

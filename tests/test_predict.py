@@ -128,6 +128,10 @@ def test_killed_predict_rerun_is_exactly_once(trained, digits_dir, tmp_path):
     assert not (dst / "_SUCCESS").exists(), "killed too late"
     partial = len(list(dst.glob("part-*.parquet")))
     assert partial >= 1
+    # an image arriving after the crash belongs to the next run: the resumed run must
+    # reuse its listing snapshot instead of listing the prefix again
+    import shutil
+    shutil.copy(sorted(f.uri for f in storage.iter_files(digits_dir))[-1], os.path.join(src, "0", "late.png"))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -135,6 +139,7 @@ def test_killed_predict_rerun_is_exactly_once(trained, digits_dir, tmp_path):
     t, success = _committed(str(dst))
     srcs = t.column("source").to_pylist()
     assert len(srcs) == len(set(srcs)) == n
+    assert not any(s.endswith("late.png") for s in srcs)
     assert sorted(f for f in os.listdir(dst) if f.startswith("part-")) == sorted(success["files"])
 
 
