@@ -101,7 +101,7 @@ class PredictConfig:
     decode_actors: int = 1  # CPU actors decoding + resizing
     model_actors: int = 1  # actors holding the model
     num_gpus: float = 0.0  # per model actor; 0 runs on CPU
-    gpu_decode: bool = False  # decode JPEG on the GPU (nvJPEG) inside the model actors
+    gpu_decode: bool = False  # decode JPEGs in batches inside the model actors (nvJPEG on GPU)
     compile: bool = False  # torch.compile the model (GPU)
     skip_existing: bool = False  # score only images not yet scored by this model version
     input: str | None = None  # stored images that `retrain` re-scores with the champion

@@ -104,12 +104,22 @@ class ModelBatch:
     """Ray Data actor holding the model: uint8 images -> label, score, top-k."""
 
     def __init__(self, model_uri: str, model_name: str, run_id: str, topk: int, batch_size: int,
-                 compile_model: bool, threads: int, opts: storage.StorageOptions) -> None:
+                 compile_model: bool, threads: int, opts: storage.StorageOptions,
+                 decode: dict[str, Any] | None = None) -> None:
         import torch
 
         from pipeline import models
+        from pipeline.augment import EvalPreset
 
         storage.configure(opts)
+        # decode: {"augment_cfg", "size", "preset"} -> this actor decodes the bytes itself
+        # (predict.gpu_decode): JPEGs in batches on the model's device, so a GPU is not
+        # starved by CPU decoding; the CPU decode actors are skipped.
+        self.decode = decode
+        if decode is not None:
+            self.size = decode["size"]
+            self.preset = EvalPreset(AugmentConfig(**{**decode["augment_cfg"], "preset": decode["preset"]}),
+                                     decode["size"])
         art = artifact.load(model_uri)
         meta = art.meta
         self.classes = list(meta["classes"])
@@ -128,11 +138,44 @@ class ModelBatch:
                 model = torch.compile(model)
         self.model = model
 
+    def _decode_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Bytes -> eval-transformed uint8 images, decoding JPEGs in one call on the device."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from pipeline.augment import decode_tensor
+
+        n = len(batch["source"])
+        errors = list(batch["error"])
+        out = torch.zeros((n, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        jpeg = [i for i in range(n) if not errors[i] and bytes(batch["bytes"][i][:2]) == b"\xff\xd8"]
+        decoded: dict[int, torch.Tensor] = {}
+        if jpeg:
+            data = [torch.frombuffer(bytearray(batch["bytes"][i]), dtype=torch.uint8) for i in jpeg]
+            try:
+                imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+                decoded.update(zip(jpeg, imgs))
+            except RuntimeError:  # one bad JPEG fails the batch call: decode one by one below
+                pass
+        for i in range(n):
+            if errors[i]:
+                continue
+            try:
+                img = decoded.get(i)
+                if img is None:  # PNG & co., or a JPEG the batch decoder refused: safe CPU path
+                    img = decode_tensor(bytes(batch["bytes"][i])).to(self.device)
+                out[i] = self.preset(img)
+            except images.ImageError as e:
+                errors[i] = f"{e.reason}: {e}"
+        return {**batch, "image": out, "error": np.array(errors, dtype=object)}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
         from pipeline.augment import to_input
 
+        if self.decode is not None:
+            batch = self._decode_batch(batch)
         n = len(batch["source"])
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         labels = np.full(n, -1, dtype=np.int32)
@@ -142,8 +185,8 @@ class ModelBatch:
         idx = np.flatnonzero(ok)
         for start in range(0, len(idx), self.batch_size):
             sel = idx[start:start + self.batch_size]
-            x = to_input(torch.from_numpy(batch["image"][sel]), self.mean, self.std, self.device,
-                         channels_last=self.device.type == "cuda")
+            images_u8 = batch["image"][sel] if torch.is_tensor(batch["image"]) else torch.from_numpy(batch["image"][sel])
+            x = to_input(images_u8, self.mean, self.std, self.device, channels_last=self.device.type == "cuda")
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                         enabled=self.device.type == "cuda"):
                 probs = torch.softmax(self.model(x).float(), dim=1)
@@ -370,13 +413,15 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
     results: list[dict[str, Any]] = []
     scored = 0
     if ds is not None:
-        ds = ds.map_batches(DecodeBatch, fn_constructor_kwargs={"augment_cfg": _augment_dict(cfg), "size": size,
-                                                                "preset": preset},
-                            compute=ray.data.ActorPoolStrategy(size=cfg.predict.decode_actors), num_cpus=res.decode_cpus, batch_size=READ_BATCH)
+        decode = {"augment_cfg": _augment_dict(cfg), "size": size, "preset": preset}
+        if not cfg.predict.gpu_decode:
+            ds = ds.map_batches(DecodeBatch, fn_constructor_kwargs=decode,
+                                compute=ray.data.ActorPoolStrategy(size=cfg.predict.decode_actors),
+                                num_cpus=res.decode_cpus, batch_size=READ_BATCH)
         ds = ds.map_batches(ModelBatch, fn_constructor_kwargs={
             "model_uri": art.uri, "model_name": name, "run_id": run_id, "topk": cfg.predict.topk,
             "batch_size": cfg.predict.batch_size, "compile_model": cfg.predict.compile,
-            "threads": res.model_threads, "opts": opts},
+            "threads": res.model_threads, "opts": opts, "decode": decode if cfg.predict.gpu_decode else None},
             compute=ray.data.ActorPoolStrategy(size=cfg.predict.model_actors), num_cpus=res.model_cpus, num_gpus=cfg.predict.num_gpus,
             batch_size=cfg.predict.batch_size)
         ds = ds.map_batches(_write_part, fn_kwargs={"dst": dst, "model_name": name, "opts": opts},

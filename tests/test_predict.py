@@ -165,3 +165,29 @@ def test_too_many_bad_images_fail_without_commit(trained, digits_dir, tmp_path):
     with pytest.raises(JobFailed, match="data.max_bad_fraction"):
         predict.run(trained["best_checkpoint_uri"], src, str(tmp_path / "o"), small_config(), quiet=True)
     assert not (tmp_path / "o" / "_SUCCESS").exists()
+
+
+def test_batched_jpeg_decode_in_model_actor_matches_cpu_path(trained, digits_dir, tmp_path):
+    """predict.gpu_decode runs torchvision's batched decode_jpeg on the model's device; on
+    this CPU machine that is libjpeg, so the path is exercised here: same rows, same
+    errors, same labels as the PIL decode actors."""
+    from PIL import Image
+
+    src = tmp_path / "jpegs"
+    for i, f in enumerate(sorted(x.uri for x in storage.iter_files(digits_dir))[::7]):
+        cls = f.split("/")[-2]
+        os.makedirs(src / cls, exist_ok=True)
+        Image.open(f).convert("RGB").save(src / cls / f"{i}.jpg", quality=95)
+    Image.open(f).save(src / cls / "still.png")  # not a JPEG: safe CPU path
+    (src / cls / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)  # JPEG magic, no image
+    outs = {}
+    for flag in (False, True):
+        cfg = small_config(predict={"gpu_decode": flag}, data={"max_bad_fraction": 0.1})
+        out = predict.run(trained["best_checkpoint_uri"], str(src), str(tmp_path / f"o{flag}"), cfg, quiet=True)
+        t = predict.read_predictions(str(tmp_path / f"o{flag}")).sort_by("source")
+        outs[flag] = (out, t)
+    (a, ta), (b, tb) = outs[False], outs[True]
+    assert a["rows"] == b["rows"] == ta.num_rows == tb.num_rows and a["errors"] == b["errors"] == 1
+    assert ta.column("source").to_pylist() == tb.column("source").to_pylist()
+    same = sum(x == y for x, y in zip(ta.column("label").to_pylist(), tb.column("label").to_pylist()))
+    assert same >= 0.95 * ta.num_rows
