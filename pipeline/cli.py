@@ -121,6 +121,16 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None):
     return cfg
 
 
+def _flag_overrides(args: argparse.Namespace, **keys: str) -> list[str]:
+    """Command-line flags that were given -> ``--set`` style overrides (flag=config key)."""
+    out = []
+    for flag, key in keys.items():
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
 def _cmd_demo(args):
     from pipeline import demo
 
@@ -130,15 +140,8 @@ def _cmd_demo(args):
 def _cmd_pack(args):
     from pipeline import shards
 
-    extra = []
-    if args.shard_rows is not None:
-        extra.append(f"data.shard_rows={args.shard_rows}")
-    if args.val is not None:
-        extra.append(f"data.val_fraction={args.val}")
-    if args.test is not None:
-        extra.append(f"data.test_fraction={args.test}")
-    cfg = _config(args, extra)
-    return shards.pack(args.src, args.dst, cfg, seed=args.seed, quiet=args.quiet)
+    extra = _flag_overrides(args, shard_rows="data.shard_rows", val="data.val_fraction", test="data.test_fraction")
+    return shards.pack(args.src, args.dst, _config(args, extra), seed=args.seed, quiet=args.quiet)
 
 
 def _cmd_train(args):
@@ -156,13 +159,8 @@ def _cmd_evaluate(args):
 def _cmd_predict(args):
     from pipeline import predict
 
-    extra = []
-    if args.topk is not None:
-        extra.append(f"predict.topk={args.topk}")
-    if args.rows_per_file is not None:
-        extra.append(f"predict.rows_per_file={args.rows_per_file}")
-    if args.skip_existing:
-        extra.append("predict.skip_existing=true")
+    extra = _flag_overrides(args, topk="predict.topk", rows_per_file="predict.rows_per_file",
+                            skip_existing="predict.skip_existing")
     return predict.run(args.model, args.input, args.output, _config(args, extra), quiet=args.quiet)
 
 
