@@ -3,11 +3,14 @@
 - :func:`parser` gives every script the same flags: ``--n``, ``--smoke``, ``--gpu``,
   ``--s3``, ``--workdir``, ``--results``.
 - :func:`machine` describes the machine a figure was measured on.
-- :class:`PeakRSS` samples the resident memory of this process and all its descendants
-  every 0.2 s in a thread. A local Ray instance started by ``ray.init`` is a descendant
-  of the driver (driver -> raylet -> ``ray::`` workers; gcs_server, dashboard and
-  log monitor are direct children), so the tree covers driver, Ray's own processes
-  and every worker/actor. Processes can be excluded (the moto S3 server).
+- :func:`compare` runs each side (baseline, ours) of a measurement in a fresh child
+  process (the same script with ``--side``), back to back, and :class:`PeakRSS`
+  samples the resident memory of that child and all its descendants every 0.2 s.
+  A local Ray instance started by ``ray.init`` is a descendant of the driver
+  (driver -> raylet -> ``ray::`` workers; gcs_server, dashboard and log monitor are
+  direct children: checked on Ray 2.60), so the tree covers the driver, Ray's own
+  processes and every worker/actor; the moto S3 server, a child of the parent, is not
+  in it.
 - :func:`emit` prints one JSON line and appends it to ``benchmarks/results.jsonl``.
 
 RSS of a process counts the shared pages it touched (Ray's object store is shared
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +61,32 @@ def parser(description: str, default_n: int, smoke_n: int) -> argparse.ArgumentP
     p.add_argument("--smoke", action="store_true", help="tiny sizes, ~30 s: keeps the script working (CI)")
     p.add_argument("--gpu", action="store_true", help="GPU mode (ResNet-50, 500x375 JPEGs, bf16, channels_last)")
     p.add_argument("--s3", action="store_true", help="read the images from a moto S3 server on 127.0.0.1")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure each side this many times, alternating; report the median")
+    p.add_argument("--ours-only", action="store_true",
+                   help="skip the baseline (long size sweeps: RSS growth of ours only)")
     p.add_argument("--cpus", type=int, default=None, help="cores for both sides (default: all)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a fresh temp dir)")
     p.add_argument("--results", default=str(RESULTS), help="JSON lines file to append to ('' = none)")
+    p.add_argument("--side", choices=["baseline", "ours"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--state", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--side-result", default=None, help=argparse.SUPPRESS)
     p.set_defaults(default_n=default_n, smoke_n=smoke_n)
     return p
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.argv = argv  # children get the same flags (+ --side)
     if args.n is None:
         args.n = str(args.smoke_n if args.smoke else args.default_n)
     args.sizes = [int(float(x)) for x in str(args.n).split(",") if x.strip()]
     args.n = args.sizes[0]
     args.cpus = args.cpus or os.cpu_count() or 1
     args.command = "python " + " ".join(shlex.quote(a) for a in [_rel(sys.argv[0]), *sys.argv[1:]])
+    if args.workdir is None and args.side:
+        raise SystemExit("--side needs --workdir")
     if args.workdir is None:
         import tempfile
 
@@ -164,8 +179,9 @@ class PeakRSS:
     the sum of Ray worker processes (``ray::*`` tasks/actors, Ray's own agents excluded).
     """
 
-    def __init__(self, interval: float = 0.2, exclude: set[int] | None = None) -> None:
+    def __init__(self, interval: float = 0.2, exclude: set[int] | None = None, root: int | None = None) -> None:
         self.interval = interval
+        self.root = root
         self.exclude = set(exclude or ())
         self.peak_total = self.peak_driver = self.peak_workers = self.peak_worker_max = 0.0
         self.samples = 0
@@ -174,22 +190,34 @@ class PeakRSS:
 
     def sample(self) -> None:
         psutil = _psutil()
-        me = psutil.Process()
+        try:
+            me = psutil.Process(self.root) if self.root else psutil.Process()
+        except psutil.Error:
+            return
         total = driver = workers = worker_max = 0.0
         procs = [me]
         try:
             procs += me.children(recursive=True)
         except psutil.Error:
             pass
-        excluded: set[int] = set()
-        for p in procs:
-            if p.pid in self.exclude:
-                excluded.add(p.pid)
+        parent: dict[int, int] = {}
         for p in procs:
             try:
-                if p.pid in excluded or p.ppid() in excluded:
-                    excluded.add(p.pid)
-                    continue
+                parent[p.pid] = p.ppid()
+            except psutil.Error:
+                parent[p.pid] = 0
+
+        def excluded(pid: int) -> bool:  # an excluded process and all its descendants
+            while pid and pid != me.pid:
+                if pid in self.exclude:
+                    return True
+                pid = parent.get(pid, 0)
+            return False
+
+        for p in procs:
+            if excluded(p.pid):
+                continue
+            try:
                 rss = p.memory_info().rss / 2**20
                 name = p.name()
             except psutil.Error:
@@ -336,6 +364,51 @@ class MotoS3:
             self.proc.kill()
 
 
+class PlainStore:
+    """Plain object access a user would write: boto3 for s3://, files otherwise."""
+
+    def __init__(self) -> None:
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:  # one client per process (made after the fork)
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
+                                        config=Config(max_pool_connections=32))
+        return self._client
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        if not prefix.startswith("s3://"):
+            out = []
+            for d, _, files in os.walk(prefix):
+                out += [(os.path.join(d, f), os.path.getsize(os.path.join(d, f))) for f in files if f.endswith(".jpg")]
+            return sorted(out)
+        bucket, _, key = prefix[5:].partition("/")
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/"):
+            out += [(f"s3://{bucket}/{o['Key']}", o["Size"]) for o in page.get("Contents", []) if o["Key"].endswith(".jpg")]
+        return out
+
+    def get(self, uri: str) -> bytes:
+        if not uri.startswith("s3://"):
+            with open(uri, "rb") as f:
+                return f.read()
+        bucket, _, key = uri[5:].partition("/")
+        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def put(self, uri: str, data: bytes) -> None:
+        if not uri.startswith("s3://"):
+            os.makedirs(os.path.dirname(uri), exist_ok=True)
+            with open(uri, "wb") as f:
+                f.write(data)
+            return
+        bucket, _, key = uri[5:].partition("/")
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -354,3 +427,96 @@ def stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def compare(args: argparse.Namespace, state: dict[str, Any], label: str = "",
+            sides: tuple[str, ...] = ("baseline", "ours")) -> dict[str, Any]:
+    """Measure each side in a fresh child process, back to back, ``args.repeat`` times.
+
+    A child is this same script run with ``--side baseline|ours --state FILE`` (see
+    :func:`child`): it rebuilds nothing but reads ``state`` (paths prepared by the
+    parent), times only its own work and reports ``images``; ours starts a local Ray
+    instance of ``args.cpus`` CPUs before its clock (a cluster is usually up: the
+    start is reported apart, as ``ray_start_seconds`` and ``ours_cold_images_per_second``).
+    The parent samples the peak RSS of the child's process tree (for ours: the driver,
+    raylet, gcs and every Ray worker), so each side's memory is its own. Rates are
+    medians over repeats.
+    """
+    import statistics
+
+    if getattr(args, "ours_only", False):
+        sides = tuple(s for s in sides if s != "baseline")
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+    for r in range(args.repeat):
+        for side in sides:
+            log(f"{label} {side} (repeat {r + 1}/{args.repeat})")
+            res = run_side(args, side, state)
+            log(f"{label} {side}: {res['images']} images in {res['seconds']:.1f}s"
+                + (f" (+{res['ray_start']:.1f}s Ray start)" if res.get("ray_start") else ""))
+            runs[side].append(res)
+    med = statistics.median
+    o = runs["ours"]
+    out: dict[str, Any] = {
+        "ours_images_per_second": med(rate(x["images"], x["seconds"]) for x in o),
+        "baseline_images_per_second": None,
+        **{k: max(x["mem"][k] for x in o) for k in o[0]["mem"]},
+        "ours_seconds": round(med(x["seconds"] for x in o), 2),
+        "ray_start_seconds": round(med(x["ray_start"] for x in o), 2),
+        "ours_cold_images_per_second": med(rate(x["images"], x["seconds"] + x["ray_start"]) for x in o),
+        "images_ours": o[0]["images"], "repeat": args.repeat, "ours_extra": o[-1].get("extra", {}),
+    }
+    if args.repeat > 1:
+        out["ours_runs"] = [rate(x["images"], x["seconds"]) for x in o]
+    b = runs.get("baseline")
+    if b:
+        out.update({
+            "baseline_images_per_second": med(rate(x["images"], x["seconds"]) for x in b),
+            "baseline_peak_rss_mb": max(x["mem"]["peak_rss_mb"] for x in b),
+            "baseline_peak_driver_rss_mb": max(x["mem"]["peak_driver_rss_mb"] for x in b),
+            "baseline_seconds": round(med(x["seconds"] for x in b), 2),
+            "images_baseline": b[0]["images"], "baseline_extra": b[-1].get("extra", {})})
+        if args.repeat > 1:
+            out["baseline_runs"] = [rate(x["images"], x["seconds"]) for x in b]
+        out["ratio"] = round(out["ours_images_per_second"] / max(out["baseline_images_per_second"], 1e-9), 3)
+        out["cold_ratio"] = round(out["ours_cold_images_per_second"] / max(out["baseline_images_per_second"], 1e-9), 3)
+    else:
+        out["ratio"] = None
+    return out
+
+
+def run_side(args: argparse.Namespace, side: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Run one side in a child process; returns its report plus ``mem`` (peak RSS)."""
+    import tempfile
+
+    fd, state_path = tempfile.mkstemp(prefix=f"state-{side}-", suffix=".json", dir=args.workdir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f)
+    result_path = state_path.replace("state-", "result-")
+    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *args.argv, "--workdir", args.workdir,
+           "--side", side, "--state", state_path, "--side-result", result_path]
+    proc = subprocess.Popen(cmd)
+    with PeakRSS(root=proc.pid) as mem:
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"{side} side failed (exit {rc}): {' '.join(cmd)}")
+    with open(result_path) as f:
+        out = json.load(f)
+    out["mem"] = mem.result()
+    return out
+
+
+def child(args: argparse.Namespace, work: Callable[[str, argparse.Namespace, dict[str, Any]], Any]) -> None:
+    """Child mode (``--side``): run ``work(side, args, state)`` and write its report.
+
+    ``work`` returns the number of images it processed, or ``(images, extra dict)``.
+    """
+    with open(args.state) as f:
+        state = json.load(f)
+    ray_s = start_ray(args.cpus) if args.side == "ours" else 0.0
+    with Timer() as t:
+        res = work(args.side, args, state)
+    images, extra = res if isinstance(res, tuple) else (res, {})
+    if args.side == "ours":
+        stop_ray()
+    with open(args.side_result, "w") as f:
+        json.dump({"images": images, "seconds": t.seconds, "ray_start": ray_s, "extra": extra}, f, default=str)

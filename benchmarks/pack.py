@@ -2,9 +2,10 @@
 
 Ours: :func:`pipeline.shards.pack` (Ray Data tasks that read with threads, validate by
 decoding, write one shard each; manifest last), on a local Ray instance of ``--cpus``.
-Baseline: what a user would write without Ray: list the prefix, assign splits by a
-hash, and a ``multiprocessing.Pool(cpus)`` that, per shard, downloads with 16 threads,
-validates each image with the same full decode, and writes the shard with pyarrow.
+Baseline: what a user would write without Ray: list the prefix with boto3, assign
+splits by a hash, and a ``multiprocessing.Pool(cpus)`` that, per shard, downloads with
+16 threads (boto3), validates each image with a full PIL decode, and writes the shard
+with pyarrow.
 Both write the same number of shards of the same size (imgpipe's ``data.shard_mb``
 rule). Throughput excludes Ray's start (a cluster is usually up), which is reported
 separately (``ray_start_seconds``, ``ours_cold_images_per_second``).
@@ -25,7 +26,6 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing import get_context
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -37,21 +37,17 @@ SHARD_MB = 128.0  # imgpipe's default data.shard_mb
 # ------------------------------------------------------------------------ baseline
 
 
+STORE = common.PlainStore()
+
+
 def _baseline_shard(task: dict) -> dict:
     """One shard: download (16 threads), validate by decoding, write with pyarrow."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline import storage
-
-    storage.configure(storage.StorageOptions(endpoint_url=task["endpoint"]))
-
-    def fetch(uri: str) -> bytes:
-        return storage.read_bytes(uri)
-
     with ThreadPoolExecutor(16) as pool:
-        blobs = list(pool.map(fetch, task["sources"]))
+        blobs = list(pool.map(STORE.get, task["sources"]))
     cols: dict[str, list] = {"image_id": [], "image": [], "label": [], "source": []}
     bad = 0
     for uri, label, blob in zip(task["sources"], task["labels"], blobs):
@@ -69,42 +65,53 @@ def _baseline_shard(task: dict) -> dict:
     pq.write_table(pa.table(cols, schema=pa.schema([("image_id", pa.string()), ("image", pa.binary()),
                                                    ("label", pa.int32()), ("source", pa.string())])),
                    buf, compression="none")
-    storage.write_bytes(task["dst"], buf.getvalue())
+    STORE.put(task["dst"], buf.getvalue())
     return {"path": task["dst"], "rows": len(cols["source"]), "bad": bad,
             "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
 
 
 def baseline_pack(src: str, dst: str, cpus: int) -> int:
-    from pipeline import storage
+    import json
+    from multiprocessing import Pool
 
-    files = list(storage.iter_files(src, (".jpg",)))
-    prefix = len(src.rstrip("/")) + 1
-    classes = sorted({f.uri[prefix:].split("/", 1)[0] for f in files})
+    src = src.rstrip("/")
+    files = STORE.list(src)
+    classes = sorted({u[len(src) + 1:].split("/", 1)[0] for u, _ in files})
     by_split: dict[str, list] = {"train": [], "val": [], "test": []}
-    for f in files:
-        h = int(hashlib.sha256(f.uri.encode()).hexdigest()[:8], 16) % 100
+    for u, _ in files:
+        h = int(hashlib.sha256(u.encode()).hexdigest()[:8], 16) % 100
         split = "test" if h < 15 else ("val" if h < 30 else "train")
-        by_split[split].append((f.uri, classes.index(f.uri[prefix:].split("/", 1)[0])))
-    mean = sum(f.size for f in files) / max(len(files), 1)
-    per_shard = max(1, int(SHARD_MB * 1e6 / max(mean, 1.0)))
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        by_split[split].append((u, classes.index(u[len(src) + 1:].split("/", 1)[0])))
+    mean = sum(size for _, size in files) / max(len(files), 1)
+    per_shard = max(1, int(SHARD_MB * 1e6 / max(mean, 1.0)))  # imgpipe's rule: same shards
     tasks = []
     for split, rows in by_split.items():
         for k, start in enumerate(range(0, len(rows), per_shard)):
             chunk = rows[start:start + per_shard]
             tasks.append({"sources": [u for u, _ in chunk], "labels": [lab for _, lab in chunk],
-                          "dst": storage.join(dst, f"{split}/part-{k:05d}.parquet"), "endpoint": endpoint})
+                          "dst": f"{dst}/{split}/part-{k:05d}.parquet"})
     del files
-    with get_context("spawn").Pool(cpus) as pool:
+    with Pool(cpus) as pool:
         results = list(pool.imap_unordered(_baseline_shard, tasks))
-    storage.write_json(storage.join(dst, "manifest.json"), {"classes": classes, "shards": results})
+    STORE.put(f"{dst}/manifest.json", json.dumps({"classes": classes, "shards": results}).encode())
     return sum(r["rows"] + r["bad"] for r in results)
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def _source(args, n: int, s3) -> str:
+def work(side: str, args, state: dict):
+    """One side, in a child process (see common.compare)."""
+    if side == "baseline":
+        return baseline_pack(state["src"], state["dst"] + "-baseline", args.cpus)
+    from pipeline import config, shards
+
+    cfg = config.load(None, [f"ray.num_cpus={args.cpus}"])
+    summary = shards.pack(state["src"], state["dst"] + "-ours", cfg, quiet=True)
+    return summary["images"] + summary["bad_images"], {"shards": summary["shards"]}
+
+
+def _source(n: int, s3) -> str:
     local = make_images.images(n, "small")
     if s3 is None:
         return local
@@ -116,49 +123,26 @@ def _source(args, n: int, s3) -> str:
 
 
 def run(args) -> list[dict]:
-    from pipeline import config, shards
-
-    sizes = args.sizes
     records = []
     s3 = common.MotoS3().__enter__() if args.s3 else None
     try:
         if s3:
             s3.bucket("bench")
-        exclude = {s3.pid} if s3 else set()
         root = "s3://bench/out" if s3 else os.path.join(args.workdir, "out")
-        for n in sizes:
-            src = _source(args, n, s3)
-            common.log(f"pack {n}: baseline (multiprocessing.Pool({args.cpus}))")
-            with common.PeakRSS(exclude=exclude) as mem_b, common.Timer() as tb:
-                done = baseline_pack(src, f"{root}/baseline-{n}-{time.time_ns()}", args.cpus)
-            assert done == n, (done, n)
-            common.log(f"pack {n}: ours (imgpipe pack on Ray, {args.cpus} CPUs)")
-            with common.PeakRSS(exclude=exclude) as mem_o:
-                ray_start = common.start_ray(args.cpus)
-                with common.Timer() as to:
-                    cfg = config.load(None, [f"ray.num_cpus={args.cpus}"])
-                    summary = shards.pack(src, f"{root}/ours-{n}-{time.time_ns()}", cfg, quiet=True)
-                common.stop_ray()
-            assert summary["images"] + summary["bad_images"] == n, summary
-            rec = {"name": f"pack_{'s3' if s3 else 'local'}_small_jpeg", "n": n,
-                   "ours_images_per_second": common.rate(n, to.seconds),
-                   "baseline_images_per_second": common.rate(n, tb.seconds),
-                   **mem_o.result(),
-                   "baseline_peak_rss_mb": mem_b.result()["peak_rss_mb"],
-                   "baseline_peak_driver_rss_mb": mem_b.result()["peak_driver_rss_mb"],
-                   "ours_seconds": round(to.seconds, 2), "baseline_seconds": round(tb.seconds, 2),
-                   "ray_start_seconds": round(ray_start, 2),
-                   "ours_cold_images_per_second": common.rate(n, to.seconds + ray_start),
-                   "shards": summary["shards"], "source": "moto S3 (127.0.0.1)" if s3 else "local disk",
-                   "cpus": args.cpus,
-                   "baseline": f"multiprocessing.Pool({args.cpus}) x 16 download threads, PIL decode check, pyarrow"}
+        for n in args.sizes:
+            src = _source(n, s3)
+            res = common.compare(args, {"src": src, "dst": f"{root}/{n}-{time.time_ns()}"}, label=f"pack {n}")
+            assert res["images_ours"] == n and res.get("images_baseline", n) == n, res
+            rec = {"name": f"pack_{'s3' if s3 else 'local'}_small_jpeg", "n": n, **res,
+                   "source": "moto S3 (127.0.0.1)" if s3 else "local disk", "cpus": args.cpus,
+                   "baseline": f"boto3 listing; multiprocessing.Pool({args.cpus}) x 16 boto3 download threads, PIL decode check, pyarrow"}
             records.append(common.emit(rec, args))
         if len(records) > 1:
             small = records[0]
             for r in records[1:]:
                 growth = {k: round(r[k] / max(small[k], 1e-9), 2)
                           for k in ("peak_rss_mb", "peak_driver_rss_mb", "peak_workers_rss_mb",
-                                    "peak_one_worker_rss_mb", "baseline_peak_rss_mb")}
+                                    "peak_one_worker_rss_mb", "baseline_peak_rss_mb") if r.get(k) is not None}
                 records.append(common.emit({
                     "name": f"pack_rss_growth_{small['n']}_to_{r['n']}", "n": r["n"],
                     "ours_images_per_second": r["ours_images_per_second"],
@@ -166,7 +150,8 @@ def run(args) -> list[dict]:
                     "ratio": round(r["ours_images_per_second"] / small["ours_images_per_second"], 3),
                     "peak_rss_mb": r["peak_rss_mb"], "rss_growth": growth,
                     "rss_growth_within_1_5x": all(v <= 1.5 for k, v in growth.items() if k.startswith("peak")),
-                    "note": f"ours at n={r['n']} vs ours at n={small['n']} (baseline columns = the small run)"},
+                    "note": f"ours at n={r['n']} vs ours at n={small['n']} (baseline_images_per_second = "
+                            "ours at the small size; rss_growth = peak here / peak at the small size)"},
                     args))
     finally:
         if s3:
@@ -176,6 +161,9 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> None:
     args = common.parse(common.parser(__doc__.splitlines()[0], default_n=10_000, smoke_n=300), argv)
+    if args.side:
+        common.child(args, work)
+        return
     run(args)
 
 

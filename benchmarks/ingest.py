@@ -1,0 +1,162 @@
+"""ingest: decode + train-time augmentation feeding an iterator. Ray Data vs DataLoader.
+
+Ours: what ``imgpipe train`` builds, consumed by the driver: the packed shards
+(:func:`pipeline.shards.read_split`, sha256-verified, shard order shuffled) ->
+:class:`pipeline.augment.AugmentBatch` in an actor pool (decode + ``TrainPreset``,
+uint8 out) -> ``iter_batches`` -> torch tensors. ``--actors`` actors (default: one per
+core) share the cores with the 0.2-CPU read task, so each holds ``(cpus - 0.2) / actors``
+logical CPUs; ``--actors 1`` is ``imgpipe train``'s default pool.
+Baseline: ``torch.utils.data.DataLoader(num_workers=cpus)`` over the same images as
+files (ImageFolder layout), with the same decode (:func:`pipeline.augment.decode_tensor`)
+and the same ``TrainPreset``; batches of the same size, shuffled.
+
+Sizes: ``--size large`` (default): 500x375 JPEGs, ImageNet recipe (RandomResizedCrop 224
++ flip); ``--size small``: 32x32 JPEGs, the digits recipe (resize 32, pad-3 random crop,
+rotation 10). Throughput is over ``--epochs`` passes (default 2) and excludes packing
+and Ray's start (reported apart).
+
+    python benchmarks/ingest.py                       # 2,000 large JPEGs, all cores
+    python benchmarks/ingest.py --size small --n 20000
+    python benchmarks/ingest.py --gpu --n 20000       # lent H100: 16 cores (no GPU work)
+    python benchmarks/ingest.py --smoke
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import make_images  # noqa: E402
+
+READ_CPUS = 0.2  # pipeline.runtime.READ_TASK_CPUS
+
+
+def augment_config(size_kind: str):
+    from pipeline.config import AugmentConfig
+
+    if size_kind == "large":
+        return AugmentConfig(preset="imagenet", hflip=True, rotation=0.0), 224
+    return AugmentConfig(), 32
+
+
+class FolderDataset:
+    """ImageFolder-style: (uint8 CHW augmented image, label) per file."""
+
+    def __init__(self, root: str, acfg, size: int) -> None:
+        self.files = []
+        for c, name in enumerate(sorted(d for d in os.listdir(root) if not d.startswith("."))):
+            for f in sorted(os.listdir(os.path.join(root, name))):
+                self.files.append((os.path.join(root, name, f), c))
+        self.acfg, self.size, self.transform = acfg, size, None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from pipeline.augment import TrainPreset, decode_tensor
+
+        if self.transform is None:
+            self.transform = TrainPreset(self.acfg, self.size)
+        path, label = self.files[i]
+        with open(path, "rb") as f:
+            return self.transform(decode_tensor(f.read())), label
+
+
+def baseline_ingest(root: str, acfg, size: int, cpus: int, batch: int, epochs: int, train_ids: set[str]) -> int:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    ds = FolderDataset(root, acfg, size)
+    keep = [i for i, (p, _) in enumerate(ds.files) if os.path.relpath(p, root) in train_ids]
+    loader = DataLoader(Subset(ds, keep), batch_size=batch, shuffle=True, num_workers=cpus,
+                        persistent_workers=False, prefetch_factor=4)
+    n = 0
+    for _ in range(epochs):
+        for x, y in loader:
+            assert x.dtype == torch.uint8
+            n += len(y)
+    return n
+
+
+def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, epochs: int) -> int:
+    import ray.data
+    import torch
+
+    from pipeline import augment, shards
+
+    n = 0
+    for _ in range(epochs):
+        ds = shards.read_split(manifest, "train", columns=["image_id", "image", "label"], shuffle_seed=0)
+        ds = ds.map_batches(augment.AugmentBatch,
+                            fn_constructor_kwargs={"cfg": dataclasses.asdict(acfg), "size": size, "train": True,
+                                                   "seed": 0},
+                            compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_cpus=round((cpus - READ_CPUS) / actors, 2), batch_size=acfg.batch_size)
+        for b in ds.iter_batches(batch_size=batch, batch_format="numpy", local_shuffle_buffer_size=2048):
+            x = torch.from_numpy(b["image"])
+            assert x.dtype == torch.uint8
+            n += len(x)
+    return n
+
+
+def _settings(args):
+    size_kind = args.size or ("small" if args.smoke else "large")
+    batch = args.batch or (128 if size_kind == "large" else 256)
+    return size_kind, batch, args.actors or args.cpus
+
+
+def work(side: str, args, state: dict):
+    """One side, in a child process (see common.compare)."""
+    size_kind, batch, actors = _settings(args)
+    acfg, size = augment_config(size_kind)
+    if side == "baseline":
+        return baseline_ingest(state["root"], acfg, size, args.cpus, batch, args.epochs, set(state["train_ids"]))
+    from pipeline import shards
+
+    return ours_ingest(shards.read_manifest(state["dst"]), acfg, size, args.cpus, actors, batch, args.epochs)
+
+
+def main(argv=None) -> None:
+    p = common.parser(__doc__.splitlines()[0], default_n=2000, smoke_n=300)
+    p.add_argument("--size", choices=["large", "small"], default=None, help="default: large (--smoke: small)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None, help="default 256 (large: 128)")
+    p.add_argument("--actors", type=int, default=None, help="augment actors (default: cpus)")
+    p.add_argument("--shard-rows", type=int, default=None,
+                   help="rows per packed shard (default: large 100, small 1000): blocks the actors share")
+    args = common.parse(p, argv)
+    if args.side:
+        common.child(args, work)
+        return
+    from pipeline import config, shards
+
+    size_kind, batch, actors = _settings(args)
+    acfg, size = augment_config(size_kind)
+    root = make_images.images(args.n, size_kind)
+    # pack once (not timed). Each shard is one block of the stream, so enough shards to
+    # keep every actor busy (imgpipe's default 128 MB shards would give one block here)
+    shard_rows = args.shard_rows or (100 if size_kind == "large" else 1000)
+    dst = os.path.join(args.workdir, "shards")
+    common.start_ray(args.cpus)
+    shards.pack(root, dst, config.load(None, [f"ray.num_cpus={args.cpus}", f"data.shard_rows={shard_rows}"]),
+                quiet=True)
+    common.stop_ray()
+    manifest = shards.read_manifest(dst)
+    train_ids = []
+    for t in shards.iter_split(manifest, "train", columns=["source"]):
+        train_ids += [os.path.relpath(s, root) for s in t.column("source").to_pylist()]
+    res = common.compare(args, {"root": root, "dst": dst, "train_ids": train_ids},
+                         label=f"ingest {size_kind} {len(train_ids)}x{args.epochs}")
+    assert res["images_ours"] == len(train_ids) * args.epochs == res.get("images_baseline", res["images_ours"]), res
+    common.emit({"name": f"ingest_{size_kind}_jpeg_{acfg.preset}", "n": args.n, "train_images": len(train_ids),
+                 "epochs": args.epochs, **res, "batch_size": batch, "shard_rows": shard_rows, "actors": actors, "cpus": args.cpus,
+                 "image_size": size, "ours": f"read_split -> AugmentBatch x {actors} actors -> iter_batches",
+                 "baseline": f"DataLoader(num_workers={args.cpus}, shuffle=True) over the files, same decode + TrainPreset"},
+                args)
+
+
+if __name__ == "__main__":
+    main()
