@@ -60,26 +60,34 @@ def actors_part(args, size_kind: str, n: int) -> None:
         common.stop_ray()
 
 
-def memory_part(args, sizes: list[int]) -> None:
-    from pipeline import config, predict
-
-    arch, img, preset, kind = ("resnet50", 224, "imagenet", "large") if args.gpu else ("smallcnn", 32, "digits", "small")
-    model_uri = predict_bench.make_model(args.workdir, arch, img, preset)
+def _predict_config(args) -> list[str]:
     sets = [f"ray.num_cpus={args.cpus}"]
     if args.gpu:
         sets += ["predict.num_gpus=1", f"predict.decode_actors={max(1, args.cpus - 2)}"]
-    cfg = config.load(None, sets)
+    return sets
+
+
+def work(side: str, args, state: dict):
+    """The memory part's run at one size, in a child process (see common.run_side)."""
+    from pipeline import config, predict
+
+    s = predict.run(state["model"], state["src"], state["dst"], config.load(None, _predict_config(args)), quiet=True)
+    return s["rows"] + s["errors"]
+
+
+def memory_part(args, sizes: list[int]) -> None:
+    arch, img, preset, kind = ("resnet50", 224, "imagenet", "large") if args.gpu else ("smallcnn", 32, "digits", "small")
+    model_uri = predict_bench.make_model(args.workdir, arch, img, preset)
     first = None
     for n in sizes:
         src = make_images.images(n, kind)
-        with common.PeakRSS() as mem:
-            ray_s = common.start_ray(args.cpus)
-            with common.Timer() as t:
-                s = predict.run(model_uri, src, os.path.join(args.workdir, f"pred-{n}-{time.time_ns()}"), cfg, quiet=True)
-            common.stop_ray()
-        assert s["rows"] + s["errors"] == n, s
-        rec = {"n": n, "ours_images_per_second": common.rate(n, t.seconds), **mem.result(),
-               "ray_start_seconds": round(ray_s, 2), "model": arch, "cpus": args.cpus}
+        common.log(f"predict {n} images (ours, fresh Ray instance in a child process)")
+        r = common.run_side(args, "ours", {"model": model_uri, "src": src,
+                                           "dst": os.path.join(args.workdir, f"pred-{n}-{time.time_ns()}")})
+        assert r["images"] == n, r
+        rec = {"n": n, "ours_images_per_second": common.rate(n, r["seconds"]), **r["mem"],
+               "ray_start_seconds": round(r["ray_start"], 2), "model": arch, "cpus": args.cpus,
+               "ours_config": _predict_config(args)}
         if first is None:
             first = rec
             out = {"name": f"scaling_predict_{arch}_rss_n{n}", **rec, "baseline_images_per_second": None,
@@ -104,11 +112,14 @@ def main(argv=None) -> None:
     p.add_argument("--max-actors", type=int, default=None, help="default 2 x cores")
     p.add_argument("--epochs", type=int, default=1)
     args = common.parse(p, argv)
+    if args.side:
+        common.child(args, work)
+        return
     if args.sizes == [0]:  # --n not given: the memory part's sizes
-        args.sizes = [300, 600] if args.smoke else ([20_000, 200_000] if args.gpu else [10_000, 100_000])
+        args.sizes = [100, 200] if args.smoke else ([20_000, 200_000] if args.gpu else [10_000, 100_000])
     args.max_actors = args.max_actors or (2 if args.smoke else 2 * args.cpus)
     size_kind = args.size or ("small" if args.smoke else "large")
-    actor_images = args.actor_images or (300 if args.smoke else (20_000 if args.gpu else 1000))
+    actor_images = args.actor_images or (100 if args.smoke else (20_000 if args.gpu else 1000))
     if args.part in ("actors", "both"):
         actors_part(args, size_kind, actor_images)
     if args.part in ("memory", "both"):

@@ -1,0 +1,73 @@
+"""Smoke runs of the benchmark scripts (``--smoke``): they keep working and print one
+valid JSON line per measurement with the required keys. Slow (each starts Ray), so
+not in CI's default ``-m "not slow"`` run: ``python -m pytest -m slow tests/test_benchmarks.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = ("name", "ours_images_per_second", "baseline_images_per_second", "ratio", "peak_rss_mb", "machine")
+COMPARISONS = ("ingest.py", "train.py", "predict.py", "pack.py")
+
+
+def _run(script: str, tmp_path, *extra: str) -> list[dict]:
+    results = tmp_path / "results.jsonl"
+    env = {**os.environ, "IMGPIPE_BENCH_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--workdir",
+                           str(tmp_path / "work"), "--results", str(results), *extra],
+                          capture_output=True, text=True, timeout=420, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout[-2000:]
+    for rec in lines:
+        missing = [k for k in REQUIRED if k not in rec]
+        assert not missing, f"{script}: {rec.get('name')} lacks {missing}"
+        assert rec["ours_images_per_second"] > 0
+        assert rec["machine"]["cpus"] >= 1 and rec["machine"]["torch"]
+        assert rec["command"].startswith(f"python benchmarks/{script}") and rec["mode"] == "smoke"
+    # every printed line was appended to the results file too
+    appended = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["name"] for r in appended] == [r["name"] for r in lines]
+    return lines
+
+
+@pytest.mark.parametrize("script", COMPARISONS)
+def test_comparison_smoke(script, tmp_path):
+    (rec,) = _run(script, tmp_path)
+    assert rec["baseline_images_per_second"] > 0
+    assert rec["ratio"] == pytest.approx(rec["ours_images_per_second"] / rec["baseline_images_per_second"], rel=0.01)
+    assert rec["images_ours"] == rec["images_baseline"]
+    assert rec["peak_rss_mb"] > 0 and rec["baseline_peak_rss_mb"] > 0
+
+
+def test_pack_smoke_from_moto_s3(tmp_path):
+    (rec,) = _run("pack.py", tmp_path, "--s3")
+    assert rec["source"].startswith("moto S3") and rec["baseline_images_per_second"] > 0
+
+
+def test_scaling_smoke(tmp_path):
+    recs = _run("scaling.py", tmp_path)
+    names = [r["name"] for r in recs]
+    assert [n for n in names if "actors" in n] == ["scaling_ingest_small_actors_1", "scaling_ingest_small_actors_2"]
+    memory = [r for r in recs if "_rss_n" in r["name"]]
+    assert len(memory) == 2 and "rss_growth" in memory[1]
+
+
+def test_make_images_smoke(tmp_path):
+    (rec,) = _run("make_images.py", tmp_path, str(tmp_path / "imgs"), "--size", "large", "--n", "20")
+    files = sorted((tmp_path / "imgs").rglob("*.jpg"))
+    assert len(files) == 20 and 30_000 < rec["bytes"] / 20 < 100_000  # ~60 KB at 500x375, quality 90
+    from PIL import Image
+
+    with Image.open(files[0]) as im:
+        assert im.size == (500, 375) and im.format == "JPEG"
