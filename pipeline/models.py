@@ -46,12 +46,16 @@ class SmallCNN(nn.Module):
 
 def available() -> list[str]:
     """Valid ``model.arch`` names."""
-    return ["smallcnn", *sorted(torchvision.models.list_models(module=torchvision.models))]
+    return ["smallcnn", *sorted([*torchvision.models.list_models(module=torchvision.models), "efficientnet_lite0"])]
 
 
 def build_model(arch: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
     if arch == "smallcnn":
         return SmallCNN(num_classes, dropout=dropout)
+    if arch == "efficientnet_lite0":  # weights: model.pretrained=efficientnet_lite0:imagenet
+        from pipeline.pretrained import EfficientNetLite0
+
+        return EfficientNetLite0(num_classes, **({"dropout": dropout} if dropout else {}))
     names = available()
     if arch not in names:
         raise UserError(f"unknown model.arch '{arch}'; valid: {', '.join(names)}")
