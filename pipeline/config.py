@@ -97,7 +97,7 @@ class TrainConfig:
 class PredictConfig:
     batch_size: int = 256  # images per model call
     topk: int = 5
-    rows_per_file: int = 100_000  # target rows per output Parquet file
+    rows_per_file: int = 50_000  # target rows per output Parquet file (~2-4 MB)
     decode_actors: int = 1  # CPU actors decoding + resizing
     model_actors: int = 1  # actors holding the model
     num_gpus: float = 0.0  # per model actor; 0 runs on CPU
@@ -132,7 +132,8 @@ class StorageConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray instance (or join RAY_ADDRESS)
     num_cpus: int | None = None  # local instance only; None: all cores
-    stall_timeout_s: float = 900.0  # fail when no batch moves for this long
+    stall_timeout_s: float = 1800.0  # fail when nothing moves for this long: pack beats per shard,
+    # predict per output file, train per rank-0 heartbeat (every <= 20 s of training steps)
     resource_wait_s: float = 60.0  # autoscaling clusters: wait this long for resources
     verbose: bool = False  # show Ray's own INFO logs
 

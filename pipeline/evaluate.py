@@ -45,7 +45,11 @@ def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False)
     if manifest.rows(split) == 0:
         raise UserError(f"split '{split}' of {manifest.root} is empty")
     ensure_ray(cfg, quiet=quiet)
-    res = predict_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    from pipeline import preflight
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    preflight.check(preflight.predict_request(cfg, cpus, image_size=int(art.meta["image_size"])), "evaluate", cfg)
+    res = predict_resources(cfg, cpus)
     name = predict.model_id(art.meta, art.uri)
     ds = shards.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
     ds = ds.map_batches(predict._shard_rows, num_cpus=READ_TASK_CPUS, batch_size=predict.READ_BATCH)

@@ -35,9 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import artifact, images, shards, storage
+from pipeline import artifact, images, preflight, shards, storage
 from pipeline.config import AugmentConfig, Config
 from pipeline.errors import JobFailed, UserError
+from pipeline.watchdog import Watchdog
 
 log = logging.getLogger("imgpipe")
 
@@ -390,9 +391,11 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
             skip.update(u for u, v in now_version.items() if prev_version.get(u) == v and u in done_same_model)
 
     ensure_ray(cfg, quiet=quiet)
-    res = predict_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
-    opts = storage.default_options()
     size = int(art.meta["image_size"])
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    preflight.check(preflight.predict_request(cfg, cpus, image_size=size), "predict", cfg)
+    res = predict_resources(cfg, cpus)
+    opts = storage.default_options()
     preset = art.meta.get("eval_preset", cfg.augment.preset)
     if manifest is not None:
         ds = shards.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
@@ -427,16 +430,30 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
         ds = ds.map_batches(_write_part, fn_kwargs={"dst": dst, "model_name": name, "opts": opts},
                             batch_size=cfg.predict.rows_per_file, num_cpus=READ_TASK_CPUS)
         t_run = time.time()
-        for r in ds.iter_rows():
-            results.append(r)
-            scored += r["rows"] + r["errors"]
-            if not quiet:
-                rate = scored / max(time.time() - t_run, 1e-9)
-                left = total - len(skip) - scored
-                log.info("predict: %d/%d images, %.0f img/s, ETA %.0fs", scored + len(skip), total, rate,
-                         left / max(rate, 1e-9))
+        with Watchdog(f"predict into {dst}", storage.join(dst, STATE), cfg.ray.stall_timeout_s) as dog:
+            for r in _rows(ds, dog):
+                results.append(r)
+                scored += r["rows"] + r["errors"]
+                if not quiet:
+                    rate = scored / max(time.time() - t_run, 1e-9)
+                    left = total - len(skip) - scored
+                    log.info("predict: %d/%d images, %.0f img/s, ETA %.0fs", scored + len(skip), total, rate,
+                             left / max(rate, 1e-9))
     return _commit(dst, name, art, run_id, src, listing if manifest is None else None, results, files,
                    committed_files, pending_same, skip, success, cfg, t0, total, scored)
+
+
+def _rows(ds, dog: Watchdog):
+    """Iterate ``ds``'s rows, beating the watchdog for each; closes the stream on exit."""
+    it = iter(ds.iter_rows())
+    try:
+        for r in it:
+            dog.beat()
+            yield r
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()
 
 
 def _augment_dict(cfg: Config) -> dict[str, Any]:

@@ -409,19 +409,25 @@ def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False,
     log.info("pack: %d images, %d classes -> %d shards (%d rows each) under %s",
              total, len(classes), len(tasks), per_shard, dst)
     ensure_ray(cfg, quiet=quiet)
+    from pipeline import preflight
+    from pipeline.watchdog import Watchdog
+
+    preflight.check(preflight.pack_request(cfg), "pack", cfg)
     opts = storage.default_options()
     max_pixels = images.MAX_PIXELS
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks))).map(
         lambda t: write_shard(t, opts, max_pixels), num_cpus=max(READ_TASK_CPUS, 0.5))
     results, done_images = [], 0
-    for r in ds.iter_rows():
-        results.append(r)
-        done_images += r["rows"] + r["bad"]
-        if not quiet:
-            rate = done_images / max(time.time() - t0, 1e-6)
-            eta = (total - done_images) / max(rate, 1e-6)
-            log.info("pack: %d/%d shards, %d/%d images, %.0f img/s, ETA %.0fs",
-                     len(results), len(tasks), done_images, total, rate, eta)
+    with Watchdog(f"pack into {dst}", dst, cfg.ray.stall_timeout_s) as dog:
+        for r in ds.iter_rows():
+            dog.beat()
+            results.append(r)
+            done_images += r["rows"] + r["bad"]
+            if not quiet:
+                rate = done_images / max(time.time() - t0, 1e-6)
+                eta = (total - done_images) / max(rate, 1e-6)
+                log.info("pack: %d/%d shards, %d/%d images, %.0f img/s, ETA %.0fs",
+                         len(results), len(tasks), done_images, total, rate, eta)
     bad = sum(r["bad"] for r in results)
     good = sum(r["rows"] for r in results)
     if good == 0:

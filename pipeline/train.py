@@ -18,6 +18,7 @@ the same ``train.run_name``, resumes from the latest.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -31,15 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import artifact, augment, config, models, shards, storage
+from pipeline import artifact, augment, config, models, preflight, pretrained, shards, storage
 from pipeline.config import Config
 from pipeline.errors import JobFailed, UserError
+from pipeline.watchdog import Watchdog
 
 log = logging.getLogger("imgpipe")
 
 TRAIN_STATE = "train_state.pt"
 VAL_IN_MEMORY_BYTES = 256 * 2**20  # val sets up to this (as uint8) are transformed once and shared
 METRICS = "metrics.jsonl"
+HEARTBEAT = "_heartbeat.json"
 
 
 # ------------------------------------------------------------------ worker side
@@ -77,7 +80,8 @@ def _set_lr(opt: torch.optim.Optimizer, factor: float, freeze_backbone: bool) ->
 
 
 def train_one_epoch(model, loader, opt, loss_fn, step: int, total_steps: int, warmup_steps: int,
-                    cfg: Config, device, mixer=None, ema=None, freeze_backbone: bool = False) -> dict[str, float]:
+                    cfg: Config, device, mixer=None, ema=None, freeze_backbone: bool = False,
+                    heartbeat=None) -> dict[str, float]:
     model.train()
     seen, loss_sum, correct, t0 = 0, 0.0, 0, time.time()
     amp = device.type == "cuda" and cfg.train.amp != "off"
@@ -102,6 +106,8 @@ def train_one_epoch(model, loader, opt, loss_fn, step: int, total_steps: int, wa
             ema.update_parameters(model)
         step += 1
         seen += len(y)
+        if heartbeat is not None:
+            heartbeat(step)
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
     return {"step": step, "seen": seen, "loss_sum": loss_sum, "correct": correct,
@@ -155,9 +161,13 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 
     model = models.build_model(cfg.model.arch, num_classes, cfg.model.dropout)
     if loop_cfg.get("pretrained_uri"):
-        pre = artifact.load(loop_cfg["pretrained_uri"]) if loop_cfg.get("pretrained_is_artifact") else None
-        state = pre.state_dict if pre else torch.load(loop_cfg["pretrained_uri"], map_location="cpu", weights_only=True)
-        models.load_pretrained(model, state, loop_cfg["pretrained_uri"])
+        uri = loop_cfg["pretrained_uri"]
+        state = pretrained.load_for(uri, cfg.model.arch)  # a weights name (package/torchvision), else None
+        if state is None and loop_cfg.get("pretrained_is_artifact"):
+            state = artifact.load(uri).state_dict
+        elif state is None:  # a plain state dict at a URI (local or s3://), never unpickling code
+            state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        models.load_pretrained(model, state, uri)
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     global_batch = cfg.train.batch_size * world
@@ -207,6 +217,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         mixer = v2.RandomChoice(choices)
 
     clock = augment.epoch_clock(loop_cfg["clock_name"])
+    beat = _Heartbeat(loop_cfg["run_uri"])
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.get(loop_cfg["val_ref"]) if loop_cfg.get("val_ref") is not None else None
     val_shard = ray.train.get_dataset_shard("val") if val_data is None else None
@@ -219,7 +230,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             trace_dir=loop_cfg.get("trace_ids_dir")))
         freeze = epoch < cfg.train.freeze_backbone_epochs
         tr = train_one_epoch(model, loader, opt, loss_fn, step, total_steps, warmup_steps, cfg, device,
-                             mixer, ema, freeze)
+                             mixer, ema, freeze, heartbeat=beat if rank == 0 else None)
         step = tr["step"]
         eval_model = ema.module if ema is not None else model
         val_batches = (_memory_batches(val_data, 256) if val_data is not None
@@ -264,6 +275,20 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             if rank == 0:
                 print(f"early stopping: no val improvement for {since_best} epochs", flush=True)
             break
+
+
+class _Heartbeat:
+    """Rank 0 writes ``RUN_URI/_heartbeat.json`` (step, time) at most every 20 s, so the
+    driver's stall detection sees progress inside long epochs."""
+
+    def __init__(self, run_uri: str, every_s: float = 20.0) -> None:
+        self.uri, self.every_s, self.last = storage.join(run_uri, HEARTBEAT), every_s, 0.0
+
+    def __call__(self, step: int) -> None:
+        now = time.time()
+        if now - self.last >= self.every_s:
+            self.last = now
+            storage.write_json(self.uri, {"step": step, "time": now})
 
 
 def _crash_hook(spec: dict[str, Any] | None, rank: int, epoch: int, batches):
@@ -311,6 +336,9 @@ def _pretrained(cfg: Config) -> tuple[str | None, bool]:
         return None, False
     from pipeline import registry
 
+    if pretrained.is_weights_name(spec):
+        pretrained.load_for(spec, cfg.model.arch)  # fail fast: unknown name, wrong arch, no package/internet
+        return spec, False
     if "@" in spec and "/" not in spec:
         return registry.resolve(cfg.registry.uri, spec), True
     if storage.exists(storage.join(spec, artifact.META)):
@@ -347,6 +375,7 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
     pretrained_uri, pretrained_is_artifact = _pretrained(cfg)
     ensure_ray(cfg, quiet=quiet)
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    preflight.check(preflight.train_request(cfg, cluster_cpus), "train", cfg)
     res = train_resources(cfg, cluster_cpus)
     name = run_name(cfg)
     storage_root = storage.normalize(cfg.train.storage)
@@ -410,15 +439,16 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
              name, cfg.train.num_workers, res.cpus_per_worker, res.data_cpus, manifest.rows("train"),
              manifest.rows("val"))
     t0 = time.time()
-    follower = _MetricsFollower(run_uri, cfg.train.epochs, quiet)
-    follower.start()
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the cause
-        raise JobFailed(f"training run {name} failed: {_root_cause(e)}") from e
-    finally:
-        follower.stop()
-        ray.kill(epoch_clock)
+    with Watchdog(f"training run {name}", run_uri, cfg.ray.stall_timeout_s) as dog:
+        follower = _MetricsFollower(run_uri, cfg.train.epochs, quiet, beat=dog.beat)
+        follower.start()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the cause
+            raise JobFailed(f"training run {name} failed: {_root_cause(e)}") from e
+        finally:
+            follower.stop()
+            ray.kill(epoch_clock)
     if result.error:
         raise JobFailed(f"training run {name} failed: {_root_cause(result.error)}")
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_accuracy", -1.0))
@@ -463,9 +493,10 @@ class _MetricsFollower(threading.Thread):
     Workers' own output reaches the console only with ``--verbose``; this keeps the
     progress a person wants (loss, accuracy, images/s, ETA) without Ray's chatter."""
 
-    def __init__(self, run_uri: str, epochs: int, quiet: bool) -> None:
+    def __init__(self, run_uri: str, epochs: int, quiet: bool, beat=None) -> None:
         super().__init__(daemon=True)
-        self.run_uri, self.epochs, self.quiet = run_uri, epochs, quiet
+        self.run_uri, self.epochs, self.quiet, self.beat = run_uri, epochs, quiet, beat
+        self.last_step = None
         self.seen = len(_read_history(run_uri))  # a resumed run: print only new epochs
         self._stop_event = threading.Event()
         self.t0 = time.time()
@@ -477,10 +508,17 @@ class _MetricsFollower(threading.Thread):
     def poll(self) -> None:
         try:
             history = _read_history(self.run_uri)
+            hb = storage.join(self.run_uri, HEARTBEAT)
+            step = storage.read_json(hb).get("step") if storage.exists(hb) else None
         except Exception:  # noqa: BLE001 - a half-written file: next poll
             return
+        if self.beat is not None and step != self.last_step:
+            self.last_step = step
+            self.beat()
         for h in history[self.seen:]:
             self.seen += 1
+            if self.beat is not None:
+                self.beat()
             if self.quiet:
                 continue
             done = h["epoch"]

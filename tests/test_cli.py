@@ -47,3 +47,15 @@ def test_models_list_prints_json(tmp_path):
     r = imgpipe("models", "list", "--registry", str(tmp_path))
     assert r.returncode == 0
     assert json.loads(r.stdout.strip().splitlines()[-1])["models"] == []
+
+
+def test_impossible_gpu_request_fails_fast(packed):
+    """Pre-flight: GPUs asked of a CPU-only local cluster fail at once, before any work."""
+    import time
+
+    t0 = time.time()
+    r = imgpipe("train", "/dev/null", "--set", f"data.manifest={packed}", "--set", "train.use_gpu=true",
+                "--set", "ray.num_cpus=2")
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert "train.use_gpu=true needs 2 GPUs" in r.stderr and "the cluster has 0" in r.stderr
+    assert time.time() - t0 < 30

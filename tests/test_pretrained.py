@@ -94,3 +94,24 @@ def test_torchvision_weights_without_internet_is_one_line_user_error():
         assert "(no internet?)" in msg and "\n" not in msg
     else:  # this machine has internet: the download worked
         assert state is not None and "classifier.3.weight" in state
+
+
+def test_state_dict_uri_on_s3_fine_tunes(packed, s3_bucket, s3_server, tmp_path):
+    """model.pretrained as a plain state dict at an s3:// URI, through Ray Train."""
+    import io as _io
+
+    import torch as _torch
+
+    from pipeline import models as _models
+    from pipeline import storage as _storage
+    from pipeline import train as _train
+    from tests.conftest import small_config
+
+    buf = _io.BytesIO()
+    _torch.save(_models.build_model("smallcnn", 5).state_dict(), buf)  # a 5-class head: replaced
+    _storage.write_bytes(s3_bucket + "/weights/sd.pt", buf.getvalue())
+    cfg = small_config(data={"manifest": packed}, model={"pretrained": s3_bucket + "/weights/sd.pt"},
+                       train={"storage": str(tmp_path), "epochs": 1, "run_name": "ft-s3"},
+                       storage={"s3": {"endpoint_url": s3_server}})
+    out = _train.run(cfg, quiet=True)
+    assert out["epochs"] == 1
