@@ -13,7 +13,8 @@ and the same ``TrainPreset``; batches of the same size, shuffled.
 Sizes: ``--size large`` (default): 500x375 JPEGs, ImageNet recipe (RandomResizedCrop 224
 + flip); ``--size small``: 32x32 JPEGs, the digits recipe (resize 32, pad-3 random crop,
 rotation 10). Throughput is over ``--epochs`` passes (default 2) and excludes packing
-and Ray's start (reported apart).
+and Ray's start (reported apart); ``steady_*`` excludes each pass's wait for its first
+batch (actor / DataLoader worker start-up), given as ``seconds_to_first_batch``.
 
     python benchmarks/ingest.py                       # 2,000 large JPEGs, all cores
     python benchmarks/ingest.py --size small --n 20000
@@ -65,7 +66,10 @@ class FolderDataset:
             return self.transform(decode_tensor(f.read())), label
 
 
-def baseline_ingest(root: str, acfg, size: int, cpus: int, batch: int, epochs: int, train_ids: set[str]) -> int:
+def baseline_ingest(root: str, acfg, size: int, cpus: int, batch: int, epochs: int, train_ids: set[str],
+                    timing: dict | None = None) -> int:
+    import time
+
     import torch
     from torch.utils.data import DataLoader, Subset
 
@@ -75,13 +79,25 @@ def baseline_ingest(root: str, acfg, size: int, cpus: int, batch: int, epochs: i
                         persistent_workers=False, prefetch_factor=4)
     n = 0
     for _ in range(epochs):
+        t0 = time.perf_counter()
+        first = True
         for x, y in loader:
             assert x.dtype == torch.uint8
+            if first and timing is not None:
+                timing.setdefault("first_batch_s", []).append(time.perf_counter() - t0)
+                timing.setdefault("first_batch_n", []).append(len(y))
+                first = False
             n += len(y)
+        if timing is not None:
+            timing.setdefault("pass_s", []).append(time.perf_counter() - t0)
     return n
 
 
-def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, epochs: int) -> int:
+def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, epochs: int,
+                timing: dict | None = None) -> int:
+    """Stream ``epochs`` passes; ``timing`` gets the seconds to the first batch of each pass."""
+    import time
+
     import ray.data
     import torch
 
@@ -89,16 +105,24 @@ def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, e
 
     n = 0
     for _ in range(epochs):
+        t0 = time.perf_counter()
         ds = shards.read_split(manifest, "train", columns=["image_id", "image", "label"], shuffle_seed=0)
         ds = ds.map_batches(augment.AugmentBatch,
                             fn_constructor_kwargs={"cfg": dataclasses.asdict(acfg), "size": size, "train": True,
                                                    "seed": 0},
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=round((cpus - READ_CPUS) / actors, 2), batch_size=acfg.batch_size)
+        first = True
         for b in ds.iter_batches(batch_size=batch, batch_format="numpy", local_shuffle_buffer_size=2048):
             x = torch.from_numpy(b["image"])
             assert x.dtype == torch.uint8
+            if first and timing is not None:
+                timing.setdefault("first_batch_s", []).append(time.perf_counter() - t0)
+                timing.setdefault("first_batch_n", []).append(len(x))
+                first = False
             n += len(x)
+        if timing is not None:
+            timing.setdefault("pass_s", []).append(time.perf_counter() - t0)
     return n
 
 
@@ -112,11 +136,16 @@ def work(side: str, args, state: dict):
     """One side, in a child process (see common.compare)."""
     size_kind, batch, actors = _settings(args)
     acfg, size = augment_config(size_kind)
+    timing: dict = {}
     if side == "baseline":
-        return baseline_ingest(state["root"], acfg, size, args.cpus, batch, args.epochs, set(state["train_ids"]))
-    from pipeline import shards
+        n = baseline_ingest(state["root"], acfg, size, args.cpus, batch, args.epochs, set(state["train_ids"]), timing)
+    else:
+        from pipeline import shards
 
-    return ours_ingest(shards.read_manifest(state["dst"]), acfg, size, args.cpus, actors, batch, args.epochs)
+        n = ours_ingest(shards.read_manifest(state["dst"]), acfg, size, args.cpus, actors, batch, args.epochs, timing)
+    steady = (n - sum(timing["first_batch_n"])) / max(sum(timing["pass_s"]) - sum(timing["first_batch_s"]), 1e-9)
+    return n, {"steady_images_per_second": round(steady, 1),
+               "seconds_to_first_batch": [round(x, 2) for x in timing["first_batch_s"]]}
 
 
 def main(argv=None) -> None:
@@ -151,8 +180,12 @@ def main(argv=None) -> None:
     res = common.compare(args, {"root": root, "dst": dst, "train_ids": train_ids},
                          label=f"ingest {size_kind} {len(train_ids)}x{args.epochs}")
     assert res["images_ours"] == len(train_ids) * args.epochs == res.get("images_baseline", res["images_ours"]), res
+    so, sb = res["ours_extra"], res.get("baseline_extra") or {}
+    steady = {}
+    if sb:
+        steady = {"steady_ratio": round(so["steady_images_per_second"] / sb["steady_images_per_second"], 3)}
     common.emit({"name": f"ingest_{size_kind}_jpeg_{acfg.preset}", "n": args.n, "train_images": len(train_ids),
-                 "epochs": args.epochs, **res, "batch_size": batch, "shard_rows": shard_rows, "actors": actors, "cpus": args.cpus,
+                 "epochs": args.epochs, **res, **steady, "batch_size": batch, "shard_rows": shard_rows, "actors": actors, "cpus": args.cpus,
                  "image_size": size, "ours": f"read_split -> AugmentBatch x {actors} actors -> iter_batches",
                  "baseline": f"DataLoader(num_workers={args.cpus}, shuffle=True) over the files, same decode + TrainPreset"},
                 args)

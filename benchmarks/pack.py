@@ -14,7 +14,8 @@ Peak RSS (driver, Ray workers, whole tree) is measured per size; with several si
 (``--n 10000,100000``) a second line per size compares it with the smallest size.
 
     python benchmarks/pack.py --s3                    # 10k small JPEGs from moto S3
-    python benchmarks/pack.py --s3 --n 10000,100000   # RSS at 10k vs 100k (long)
+    python benchmarks/pack.py --s3 --n 10000,50000 --ours-only   # RSS growth (long)
+    python benchmarks/pack.py --s3 --shard-rows 1000  # more, smaller shards (both sides)
     python benchmarks/pack.py --smoke
 """
 
@@ -70,7 +71,7 @@ def _baseline_shard(task: dict) -> dict:
             "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
 
 
-def baseline_pack(src: str, dst: str, cpus: int) -> int:
+def baseline_pack(src: str, dst: str, cpus: int, shard_rows: int = 0) -> int:
     import json
     from multiprocessing import Pool
 
@@ -83,7 +84,7 @@ def baseline_pack(src: str, dst: str, cpus: int) -> int:
         split = "test" if h < 15 else ("val" if h < 30 else "train")
         by_split[split].append((u, classes.index(u[len(src) + 1:].split("/", 1)[0])))
     mean = sum(size for _, size in files) / max(len(files), 1)
-    per_shard = max(1, int(SHARD_MB * 1e6 / max(mean, 1.0)))  # imgpipe's rule: same shards
+    per_shard = shard_rows or max(1, int(SHARD_MB * 1e6 / max(mean, 1.0)))  # imgpipe's rule: same shards
     tasks = []
     for split, rows in by_split.items():
         for k, start in enumerate(range(0, len(rows), per_shard)):
@@ -103,10 +104,10 @@ def baseline_pack(src: str, dst: str, cpus: int) -> int:
 def work(side: str, args, state: dict):
     """One side, in a child process (see common.compare)."""
     if side == "baseline":
-        return baseline_pack(state["src"], state["dst"] + "-baseline", args.cpus)
+        return baseline_pack(state["src"], state["dst"] + "-baseline", args.cpus, args.shard_rows)
     from pipeline import config, shards
 
-    cfg = config.load(None, [f"ray.num_cpus={args.cpus}"])
+    cfg = config.load(None, [f"ray.num_cpus={args.cpus}", f"data.shard_rows={args.shard_rows}"])
     summary = shards.pack(state["src"], state["dst"] + "-ours", cfg, quiet=True)
     return summary["images"] + summary["bad_images"], {"shards": summary["shards"]}
 
@@ -135,6 +136,7 @@ def run(args) -> list[dict]:
             assert res["images_ours"] == n and res.get("images_baseline", n) == n, res
             rec = {"name": f"pack_{'s3' if s3 else 'local'}_small_jpeg", "n": n, **res,
                    "source": "moto S3 (127.0.0.1)" if s3 else "local disk", "cpus": args.cpus,
+                   "shard_rows": args.shard_rows or "auto (128 MB)",
                    "baseline": f"boto3 listing; multiprocessing.Pool({args.cpus}) x 16 boto3 download threads, PIL decode check, pyarrow"}
             records.append(common.emit(rec, args))
         if len(records) > 1:
@@ -160,7 +162,10 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    args = common.parse(common.parser(__doc__.splitlines()[0], default_n=10_000, smoke_n=300), argv)
+    p = common.parser(__doc__.splitlines()[0], default_n=10_000, smoke_n=300)
+    p.add_argument("--shard-rows", type=int, default=0,
+                   help="rows per shard, both sides (default 0: imgpipe's 128 MB rule)")
+    args = common.parse(p, argv)
     if args.side:
         common.child(args, work)
         return
