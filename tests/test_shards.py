@@ -106,8 +106,12 @@ def _bad_folder(root, n_good=30):
         (root / cls / f"{i}.png").write_bytes(_png((i * 8, 0, 0)))
     (root / "a" / "zero.png").write_bytes(b"")
     (root / "a" / "text.jpg").write_bytes(b"hello, not an image")
-    good = _png((1, 2, 3))
-    (root / "b" / "trunc.png").write_bytes(good[: len(good) // 2])
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")  # big enough that half the file is pixel data
+    (root / "b" / "trunc.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (root / "b" / "gray.png").write_bytes(_png(128, mode="L"))
     (root / "b" / "rgba.png").write_bytes(_png((0, 0, 0, 0), mode="RGBA"))
 
