@@ -307,37 +307,37 @@ def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: 
 
     sources, labels, origins, shas = task["sources"], task["labels"], task["origins"], task["origin_sha256"]
 
-    def fetch(i: int) -> bytes | Exception:
+    def fetch_and_check(i: int) -> tuple[bytes | None, str, str]:
+        """(bytes, image_id, error) of one image. Runs in a thread pool: object reads wait
+        on the network, and Pillow's decoder and hashlib release the GIL, so one task
+        validates on several cores."""
         try:
-            return storage.read_bytes(sources[i]) if not origins[i] else None  # type: ignore[return-value]
+            blob = _read_origin(origins[i], shas[i], cache) if origins[i] else storage.read_bytes(sources[i])
         except storage.NotFound as e:
-            return e
-
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        blobs = list(pool.map(fetch, range(len(sources))))
-    cache: dict[str, pa.Table] = {}
-    good: dict[str, list] = {"image_id": [], "image": [], "label": [], "source": []}
-    bad: dict[str, list] = {"source": [], "image_id": [], "error": []}
-    for i, blob in enumerate(blobs):
-        if origins[i]:
-            blob = _read_origin(origins[i], shas[i], cache)
-        if isinstance(blob, Exception):
-            bad["source"].append(sources[i])
-            bad["image_id"].append("")
-            bad["error"].append(f"missing: {blob}")
-            continue
+            return None, "", f"missing: {e}"
         image_id = hashlib.sha256(blob).hexdigest()
         try:
             images.check(blob, max_pixels=max_pixels)
         except images.ImageError as e:
-            bad["source"].append(sources[i])
-            bad["image_id"].append(image_id)
-            bad["error"].append(f"{e.reason}: {e}")
-            continue
-        good["image_id"].append(image_id)
-        good["image"].append(blob)
-        good["label"].append(labels[i])
-        good["source"].append(sources[i])
+            return None, image_id, f"{e.reason}: {e}"
+        return blob, image_id, ""
+
+    cache: dict[str, pa.Table] = {}
+    good: dict[str, list] = {"image_id": [], "image": [], "label": [], "source": []}
+    bad: dict[str, list] = {"source": [], "image_id": [], "error": []}
+    # origin shards (re-packing a shard set) share a one-shard cache: read those serially
+    threads = 1 if any(origins) else READ_THREADS
+    with ThreadPoolExecutor(threads) as pool:
+        for i, (blob, image_id, error) in enumerate(pool.map(fetch_and_check, range(len(sources)))):
+            if error:
+                bad["source"].append(sources[i])
+                bad["image_id"].append(image_id)
+                bad["error"].append(error)
+                continue
+            good["image_id"].append(image_id)
+            good["image"].append(blob)
+            good["label"].append(labels[i])
+            good["source"].append(sources[i])
     if bad["source"]:  # errors first: a shard present implies its errors file is too
         buf = io.BytesIO()
         pq.write_table(pa.table(bad, schema=ERROR_SCHEMA), buf)
