@@ -132,10 +132,18 @@ def _ours_config(args) -> list[str]:
     return sets + args.overrides
 
 
+def _threads(args) -> str:
+    return f"torch.set_num_threads({args.baseline_threads})" if args.baseline_threads else "torch default threads"
+
+
 def work(side: str, args, state: dict):
     """One side, in a child process (see common.compare)."""
     dst = state["dst"] + "-" + side
     if side == "baseline":
+        if args.baseline_threads:
+            import torch
+
+            torch.set_num_threads(args.baseline_threads)
         uris = [u for u, _ in STORE.list(state["src"])]
         return baseline_predict(uris, dst, state["model"], args.cpus, args.gpu, 256)
     from pipeline import config, predict
@@ -146,6 +154,8 @@ def work(side: str, args, state: dict):
 
 def main(argv=None) -> None:
     p = common.parser(__doc__.splitlines()[0], default_n=20_000, smoke_n=500)
+    p.add_argument("--baseline-threads", type=int, default=None,
+                   help="torch.set_num_threads in the baseline's main process (default: torch's default)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for ours (repeatable), e.g. predict.decode_actors=2")
     p.add_argument("--gpu-decode", action="store_true", help="GPU mode: also set predict.gpu_decode=true")
@@ -176,7 +186,7 @@ def main(argv=None) -> None:
                  "ours_config": _ours_config(args), "model": arch, "image_size": img, "batch_size": 256,
                  "cpus": args.cpus,
                  "baseline": f"DataLoader(num_workers={args.cpus}) read+sha256+decode+EvalPreset, "
-                             f"model in main process ({'cuda bf16' if args.gpu else 'torch default threads'}), "
+                             f"model in main process ({'cuda bf16' if args.gpu else _threads(args)}), "
                              "pyarrow ParquetWriter"}, args)
 
 

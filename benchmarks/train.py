@@ -174,6 +174,10 @@ def work(side: str, args, state: dict):
 
     shared, ours = _configs(args, state["dst"])
     if side == "baseline":
+        if args.baseline_threads:
+            import torch
+
+            torch.set_num_threads(args.baseline_threads)
         stats = {"workdir": args.workdir}
         n = baseline_train(state["splits"], config.load(None, shared), args.cpus, args.gpu, stats)
         return n, {"steady": stats["steady"], "test_accuracy": stats["test_accuracy"]}
@@ -190,6 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default 3 (--smoke: 1)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers for ours (default 1)")
     p.add_argument("--batch", type=int, default=None, help="per-step batch (default 128; --gpu 256)")
+    p.add_argument("--baseline-threads", type=int, default=None,
+                   help="torch.set_num_threads in the baseline's main process (default: torch's default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override for ours")
     args = common.parse(p, argv)
     if args.side:
@@ -225,8 +231,10 @@ def main(argv=None) -> None:
            "ours_test_accuracy": so["test_accuracy"], "baseline_test_accuracy": sb.get("test_accuracy"),
            "batch_size": base_cfg.train.batch_size, "cpus": args.cpus, "ours_workers": args.workers,
            "ours_config": ours,
-           "baseline": f"one process, DataLoader(num_workers={args.cpus}), torch default threads, "
-                       "same model/optimizer/schedule"}
+           "baseline": f"one process, DataLoader(num_workers={args.cpus}), "
+                       + (f"torch.set_num_threads({args.baseline_threads}), " if args.baseline_threads
+                          else "torch default threads, ")
+                       + "same model/optimizer/schedule"}
     if args.gpu:
         rec["gpu_resident_ceiling_images_per_second"] = round(
             gpu_ceiling(base_cfg.model.arch, 224, base_cfg.train.batch_size), 1)
