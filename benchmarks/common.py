@@ -489,8 +489,9 @@ def run_side(args: argparse.Namespace, side: str, state: dict[str, Any]) -> dict
     import tempfile
 
     fd, state_path = tempfile.mkstemp(prefix=f"state-{side}-", suffix=".json", dir=args.workdir)
+    run_id = f"{side}-{time.time_ns()}"  # unique per run: repeats must not find the last one's output
     with os.fdopen(fd, "w") as f:
-        json.dump(state, f)
+        json.dump({**state, "run_id": run_id}, f)
     result_path = state_path.replace("state-", "result-")
     cmd = [sys.executable, os.path.abspath(sys.argv[0]), *args.argv, "--workdir", args.workdir,
            "--side", side, "--state", state_path, "--side-result", result_path]

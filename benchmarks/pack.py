@@ -104,11 +104,12 @@ def baseline_pack(src: str, dst: str, cpus: int, shard_rows: int = 0) -> int:
 def work(side: str, args, state: dict):
     """One side, in a child process (see common.compare)."""
     if side == "baseline":
-        return baseline_pack(state["src"], state["dst"] + "-baseline", args.cpus, args.shard_rows)
+        return baseline_pack(state["src"], f"{state['dst']}-{state['run_id']}", args.cpus, args.shard_rows)
     from pipeline import config, shards
 
     cfg = config.load(None, [f"ray.num_cpus={args.cpus}", f"data.shard_rows={args.shard_rows}"])
-    summary = shards.pack(state["src"], state["dst"] + "-ours", cfg, quiet=True)
+    summary = shards.pack(state["src"], f"{state['dst']}-{state['run_id']}", cfg, quiet=True)
+    assert not summary["already_committed"], summary
     return summary["images"] + summary["bad_images"], {"shards": summary["shards"]}
 
 

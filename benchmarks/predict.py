@@ -138,7 +138,7 @@ def _threads(args) -> str:
 
 def work(side: str, args, state: dict):
     """One side, in a child process (see common.compare)."""
-    dst = state["dst"] + "-" + side
+    dst = f"{state['dst']}-{state['run_id']}"
     if side == "baseline":
         if args.baseline_threads:
             import torch
