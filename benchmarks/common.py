@@ -147,6 +147,18 @@ def machine() -> dict[str, Any]:
     return _MACHINE
 
 
+def git_revision() -> str | None:
+    """The project's commit (``+dirty`` when pipeline/ has uncommitted changes)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty else "")) or None
+
+
 def describe(m: dict[str, Any] | None = None) -> str:
     m = m or machine()
     gpu = f", {m['gpu']}" if m.get("gpu") else ", no GPU"
@@ -270,6 +282,7 @@ def emit(record: dict[str, Any], args: argparse.Namespace | None = None) -> dict
     rec["machine"] = machine()
     rec["machine_description"] = describe(rec["machine"])
     rec["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rec["git"] = git_revision()
     if args is not None:
         rec["command"] = args.command
         rec["mode"] = "smoke" if args.smoke else ("gpu" if args.gpu else "cpu")
