@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     with open(args.results) as f:
         for line in f:
             r = json.loads(line)
-            if args.name not in r["name"] or (args.mode and r.get("mode") != args.mode):
+            if "ours_images_per_second" not in r or args.name not in r["name"] or (args.mode and r.get("mode") != args.mode):
                 continue
             rss = _num(r.get("peak_rss_mb"))
             if r.get("baseline_peak_rss_mb"):
