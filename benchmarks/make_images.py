@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
 
 import numpy as np
 
@@ -119,7 +120,9 @@ def generate(n: int, size: str = "small", classes: int = 10, seed: int = 0, work
             for i, data in zip(range(j[0], j[1]), _render_chunk(j)):
                 yield rel_path(i, classes), data
         return
-    with ProcessPoolExecutor(workers) as pool:
+    # spawn, not fork: a fork while another thread holds a lock (the PeakRSS sampler,
+    # s3fs's event loop) can deadlock the children
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         for j, blobs in zip(jobs, pool.map(_render_chunk, jobs)):
             for i, data in zip(range(j[0], j[1]), blobs):
                 yield rel_path(i, classes), data

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,19 @@ COMPARISONS = ("ingest.py", "train.py", "predict.py", "pack.py")
 def _run(script: str, tmp_path, *extra: str) -> list[dict]:
     results = tmp_path / "results.jsonl"
     env = {**os.environ, "IMGPIPE_BENCH_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--workdir",
-                           str(tmp_path / "work"), "--results", str(results), *extra],
-                          capture_output=True, text=True, timeout=420, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert lines, proc.stdout[-2000:]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--workdir",
+                             str(tmp_path / "work"), "--results", str(results), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script, its Ray instance and pools
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{script} --smoke took over 420 s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, stdout[-2000:]
     for rec in lines:
         missing = [k for k in REQUIRED if k not in rec]
         assert not missing, f"{script}: {rec.get('name')} lacks {missing}"
