@@ -33,7 +33,7 @@ class DataConfig:
     image_size: int = 32  # px, side of the square model input
     max_bad_fraction: float = 0.01  # fail a job when more than this share of images is bad
     shard_rows: int = 0  # rows per shard when packing; 0 -> by shard_mb
-    shard_mb: float = 128.0  # MB target per shard when shard_rows is 0
+    shard_mb: float = 128.0  # MB target per shard when shard_rows is 0 (at most 10k rows)
     val_fraction: float = 0.15  # of each class, for `pack`
     test_fraction: float = 0.15  # of each class; the frozen holdout
     shuffle_buffer: int = 2048  # rows in each training worker's local shuffle window

@@ -42,6 +42,9 @@ SHARD_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()),
                           ("label", pa.int32()), ("source", pa.string())])
 ERROR_SCHEMA = pa.schema([("source", pa.string()), ("image_id", pa.string()), ("error", pa.string())])
 READ_THREADS = 16  # concurrent object reads per task: S3 latency, not CPU, bounds small reads
+# Cap on rows per shard when sizing by bytes: 128 MB of 1 KB thumbnails is ~120k rows,
+# one task holding them all; 10k rows keeps task memory and parallelism bounded.
+MAX_SHARD_ROWS_BY_BYTES = 10_000
 
 
 class ShardIntegrityError(UserError):
@@ -364,7 +367,7 @@ def _rows_per_shard(cfg: Config, listing: pa.Table) -> int:
         return cfg.data.shard_rows
     sizes = [s for s in listing.column("size").to_pylist() if s >= 0]
     mean = (sum(sizes) / len(sizes)) if sizes else 50_000.0  # bytes; unknown sizes: a typical JPEG
-    return max(1, int(cfg.data.shard_mb * 1e6 / max(mean, 1.0)))
+    return max(1, min(MAX_SHARD_ROWS_BY_BYTES, int(cfg.data.shard_mb * 1e6 / max(mean, 1.0))))
 
 
 def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False,
