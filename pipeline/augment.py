@@ -9,11 +9,17 @@ float conversion and normalization happen on the worker (:func:`to_input`).
 Augmentation is reproducible: each image's random draws are seeded from
 ``(seed, epoch, image_id)``; the epoch comes from a tiny named actor
 (:class:`EpochClock`) that training workers advance before each epoch.
+
+With ``augment.device`` ``cuda`` (or ``worker``), :class:`WorkerAugment` does the same
+inside each training worker instead: JPEGs decoded in batches with
+``torchvision.io.decode_jpeg(device=...)`` (nvJPEG on a GPU), the same presets
+applied on the worker's device, so only encoded bytes cross the wire.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from typing import Any
 
 import numpy as np
@@ -80,16 +86,22 @@ def decode_tensor(data: bytes) -> torch.Tensor:
 
 
 class EpochClock:
-    """A named actor holding the current epoch of a training run (see module docstring)."""
+    """A named actor holding the current epoch of a training run (see module docstring),
+    and, after a mid-epoch resume, which training rows that epoch already consumed
+    (a bit per row, ``np.packbits``): shard readers drop them."""
 
     def __init__(self) -> None:
         self.epoch = 0
+        self.consumed: np.ndarray | None = None
 
-    def set(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set(self, epoch: int, consumed: np.ndarray | None = None) -> None:
+        self.epoch, self.consumed = epoch, consumed
 
     def get(self) -> int:
         return self.epoch
+
+    def state(self) -> tuple[int, np.ndarray | None]:
+        return self.epoch, self.consumed
 
 
 def epoch_clock(name: str):
@@ -133,7 +145,59 @@ class AugmentBatch:
             if self.train:
                 torch.manual_seed(sample_seed(self.seed, epoch, str(image_id)))
             out[i] = self.transform(img).numpy()
-        return {"image": out, "label": batch["label"].astype(np.int64), "image_id": batch["image_id"]}
+        result = {"image": out, "label": batch["label"].astype(np.int64), "image_id": batch["image_id"]}
+        if "row" in batch:  # the training stream's row numbers (exact resume)
+            result["row"] = batch["row"]
+        return result
+
+
+def _gpu_decodable(data: bytes) -> bool:
+    """Baseline/progressive JPEGs in RGB or gray without an EXIF rotation: what the
+    CUDA decoder handles exactly like the CPU path (it ignores EXIF orientation)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # headers only
+            return im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
+    except Exception:  # noqa: BLE001 - anything odd takes the careful CPU path
+        return False
+
+
+class WorkerAugment:
+    """Decode + train transform inside a training worker, on its device.
+
+    JPEGs are decoded together with ``torchvision.io.decode_jpeg`` on ``device`` (one
+    nvJPEG call per batch on a GPU); other formats, CMYK and EXIF-rotated JPEGs go
+    through :func:`decode_tensor` on CPU and are copied over. Each image's random draws
+    are seeded from ``(seed, epoch, image_id)``, as in :class:`AugmentBatch`.
+    """
+
+    def __init__(self, cfg: AugmentConfig, size: int, seed: int, device: torch.device) -> None:
+        self.transform = TrainPreset(cfg, size)
+        self.size, self.seed, self.device = size, seed, device
+
+    def decode(self, blobs: list[bytes]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out: list[torch.Tensor | None] = [None] * len(blobs)
+        fast = [i for i, b in enumerate(blobs) if _gpu_decodable(b)]
+        if fast:
+            data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in fast]
+            for i, img in zip(fast, decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)):
+                out[i] = img
+        for i, img in enumerate(out):
+            if img is None:
+                out[i] = decode_tensor(blobs[i]).to(self.device)
+        return out  # type: ignore[return-value]
+
+    def __call__(self, blobs, image_ids, epoch: int) -> torch.Tensor:
+        """Encoded images -> uint8 N x 3 x S x S on the device."""
+        imgs = self.decode([bytes(b) for b in blobs])
+        out = torch.empty((len(imgs), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+        for i, (img, image_id) in enumerate(zip(imgs, image_ids)):
+            torch.manual_seed(sample_seed(self.seed, epoch, str(image_id)))
+            out[i] = self.transform(img)
+        return out
 
 
 def to_input(images_u8: torch.Tensor, mean: list[float], std: list[float], device: torch.device,

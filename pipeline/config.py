@@ -53,6 +53,11 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0  # 0 disables cutmix
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per channel, 0..1 scale
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # where decode + augmentation run: "cpu" = a Ray Data actor pool (default); "cuda" =
+    # inside each GPU training worker (batched nvJPEG decode, transforms on the GPU; only
+    # encoded bytes cross the wire); "worker" = inside each training worker on its own
+    # device (the "cuda" code path on CPU: small data, tests)
+    device: Literal["cpu", "cuda", "worker"] = "cpu"
     actors: int = 1  # decode+augment actors in the Ray Data pool
     batch_size: int = 256  # images per map_batches call in the augment actors
 
@@ -84,6 +89,9 @@ class TrainConfig:
     use_gpu: bool = False
     max_failures: int = 1  # worker failures survived by restarting from the last checkpoint
     num_to_keep: int = 2  # checkpoints kept besides the best
+    # also checkpoint every N optimizer steps (0: only at epoch ends); a restart resumes
+    # mid-epoch with the samples already trained on skipped, none repeated
+    checkpoint_every_steps: int = 0
     seed: int = 0  # seeds init, shuffling and augmentation
     run_name: str | None = None  # reuse a name to resume that run
     storage: str = "runs"  # URI under which runs live
@@ -289,6 +297,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0"),
+        (cfg.augment.device != "cuda" or cfg.train.use_gpu,
+         "augment.device=cuda needs train.use_gpu=true (valid without a GPU: cpu, worker)"),
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
         (0 < cfg.data.val_fraction + cfg.data.test_fraction < 1,

@@ -106,12 +106,12 @@ def train_request(cfg: Config, cluster_cpus: float) -> Request:
         Part(t.num_workers, "training worker", res.cpus_per_worker, res.gpus_per_worker,
              cpu_key=f"train.num_workers={t.num_workers} x {per_key}",
              gpu_key="train.use_gpu=true"),
-        # train.run builds the augment actor pool whatever augment.device says
-        Part(a.actors, "augment actor", AUGMENT_ACTOR_CPUS,
-             cpu_key=f"augment.actors={a.actors} x {AUGMENT_ACTOR_CPUS:g} CPU"),
         Part(2, "read task", READ_TASK_CPUS, cpu_key=f"2 read tasks x {READ_TASK_CPUS:g} CPU"),
         Part(1, "eval task", EVAL_TASK_CPUS, cpu_key=f"1 eval task x {EVAL_TASK_CPUS:g} CPU"),
     ]
+    if a.device == "cpu":  # otherwise the training workers decode and augment themselves
+        parts.insert(1, Part(a.actors, "augment actor", AUGMENT_ACTOR_CPUS,
+                             cpu_key=f"augment.actors={a.actors} x {AUGMENT_ACTOR_CPUS:g} CPU"))
     nbytes, note = _store_note("augment.batch_size", a.batch_size, cfg.data.image_size,
                                a.actors + t.num_workers)
     return Request(parts, nbytes, f"augment.batch_size={a.batch_size} at data.image_size="

@@ -88,7 +88,8 @@ def train_resources(cfg: Config, cluster_cpus: float) -> TrainResources:
     """
     n = cfg.train.num_workers
     # the train pipeline (reads + actors) and one validation pipeline (read + eval task)
-    data_reserve = cfg.augment.actors * AUGMENT_ACTOR_CPUS + 2 * READ_TASK_CPUS + EVAL_TASK_CPUS
+    actors = cfg.augment.actors if cfg.augment.device == "cpu" else 0  # else workers augment
+    data_reserve = actors * AUGMENT_ACTOR_CPUS + 2 * READ_TASK_CPUS + EVAL_TASK_CPUS
     if cfg.train.cpus_per_worker is not None:
         per = cfg.train.cpus_per_worker
     else:

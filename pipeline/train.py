@@ -4,15 +4,21 @@ Shape after torchvision's ``references/classification/train.py``:
 :func:`train_one_epoch`, :func:`evaluate`, and :func:`train_loop` (runs on every
 worker), plus :func:`run` on the driver (``imgpipe train``).
 
-Data: shards -> Ray Data (per-epoch shard shuffle from ``(seed, epoch)``) -> decode +
-augment in an actor pool -> ``streaming_split`` across ranks (equal row counts, so
-every rank runs the same number of steps) -> a bounded local shuffle window.
+Data: shards -> Ray Data (per-epoch shard order and in-shard row order from
+``(seed, epoch)``) -> decode + augment in an actor pool (or, with ``augment.device``
+cuda/worker, in the training worker) -> ``streaming_split`` across ranks (equal row
+counts, so every rank runs the same number of steps; the remainder, < world size, is
+reported as ``dropped_train_images``) -> a bounded local shuffle window.
 
-Each epoch rank 0 writes a checkpoint folder that is also a model artifact
-(``weights.pt`` + ``meta.json``, see :mod:`pipeline.artifact`) plus ``train_state.pt``
-(optimizer, schedule, epoch, best accuracy) for resume. Ray Train keeps the best by
-val accuracy and the latest; restarting workers after a failure, or rerunning with
-the same ``train.run_name``, resumes from the latest.
+Each epoch, and every ``train.checkpoint_every_steps`` steps, rank 0 writes a
+checkpoint folder that is also a model artifact (``weights.pt`` + ``meta.json``, see
+:mod:`pipeline.artifact`) plus ``train_state.pt`` (model, optimizer, step -> schedule,
+best accuracy; mid-epoch also the epoch's consumed rows as a bitmap, gathered from all
+ranks, and its running loss/accuracy sums). Ray Train keeps the best by val accuracy
+and the latest; restarting workers after a failure, or rerunning with the same
+``train.run_name``, resumes from the latest: mid-epoch, the shard readers skip the
+rows already trained on (see :mod:`pipeline.shards`), so no sample is repeated or
+lost.
 """
 
 from __future__ import annotations
@@ -81,20 +87,25 @@ def _set_lr(opt: torch.optim.Optimizer, factor: float, freeze_backbone: bool) ->
 
 def train_one_epoch(model, loader, opt, loss_fn, step: int, total_steps: int, warmup_steps: int,
                     cfg: Config, device, mixer=None, ema=None, freeze_backbone: bool = False,
-                    heartbeat=None) -> dict[str, float]:
+                    prepare=None, after_step=None) -> dict[str, float]:
+    """One pass over ``loader``. ``prepare(batch)`` turns a batch into the model's input
+    (default: uint8 images -> normalized floats); ``after_step(step, batch, stats)``
+    runs after every optimizer step (heartbeat, data position, mid-epoch checkpoints)."""
     model.train()
-    seen, loss_sum, correct, t0 = 0, 0.0, 0, time.time()
-    amp = device.type == "cuda" and cfg.train.amp != "off"
-    lr = 0.0
+    stats = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0, "lr": 0.0}
+    t0 = time.time()
     for batch in loader:
-        x = augment.to_input(batch["image"], cfg.augment.mean, cfg.augment.std, device,
-                             channels_last=device.type == "cuda" and cfg.train.channels_last)
+        if prepare is not None:
+            x = prepare(batch)
+        else:
+            x = augment.to_input(batch["image"], cfg.augment.mean, cfg.augment.std, device,
+                                 channels_last=device.type == "cuda" and cfg.train.channels_last)
         y = batch["label"].to(device)
         target = y
         if mixer is not None:
             x, target = mixer(x, y)
-        lr = _set_lr(opt, _lr_factor(step, total_steps, warmup_steps), freeze_backbone)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        stats["lr"] = _set_lr(opt, _lr_factor(step, total_steps, warmup_steps), freeze_backbone)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.amp != "off"):
             logits = model(x)
             loss = loss_fn(logits, target)
         opt.zero_grad(set_to_none=True)
@@ -105,13 +116,14 @@ def train_one_epoch(model, loader, opt, loss_fn, step: int, total_steps: int, wa
         if ema is not None:
             ema.update_parameters(model)
         step += 1
-        seen += len(y)
-        if heartbeat is not None:
-            heartbeat(step)
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-    return {"step": step, "seen": seen, "loss_sum": loss_sum, "correct": correct,
-            "seconds": time.time() - t0, "lr": lr}
+        stats["seen"] += len(y)
+        stats["loss_sum"] += loss.item() * len(y)
+        stats["correct"] += (logits.argmax(1) == y).sum().item()
+        stats["seconds"] = time.time() - t0
+        if after_step is not None:
+            after_step(step, batch, stats)
+    stats["seconds"] = time.time() - t0
+    return {"step": step, **stats}
 
 
 @torch.no_grad()
@@ -185,12 +197,13 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         ema = torch.optim.swa_utils.AveragedModel(
             _unwrap(model), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay))
 
-    rows_per_rank = loop_cfg["train_rows"] // world  # streaming_split(equal=True)
-    steps_per_epoch = max(1, math.ceil(rows_per_rank / cfg.train.batch_size))
+    n_train = loop_cfg["train_rows"]
+    steps_per_epoch = max(1, math.ceil(n_train // world / cfg.train.batch_size))  # streaming_split(equal=True)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(cfg.train.warmup_epochs * steps_per_epoch)
 
     start_epoch, step, best_acc, since_best, history = 0, 0, -1.0, 0, []
+    partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's data position and stats
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -201,8 +214,12 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                 ema.load_state_dict(st["ema"])
             start_epoch, step, best_acc, since_best = st["epoch"] + 1, st["step"], st["best_acc"], st["since_best"]
             history = json.loads(st["history"])
+            partial = st.get("partial")
+        if partial is not None:
+            start_epoch = int(partial["epoch"])
         if rank == 0:
-            print(f"resumed from checkpoint at epoch {start_epoch} (step {step})", flush=True)
+            where = f", {int(partial['seen'])} of its images done" if partial is not None else ""
+            print(f"resumed from checkpoint at epoch {start_epoch + 1} (step {step}{where})", flush=True)
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     mixer = None
@@ -216,27 +233,85 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             choices.append(v2.CutMix(alpha=cfg.augment.cutmix_alpha, num_classes=num_classes))
         mixer = v2.RandomChoice(choices)
 
+    worker_aug = None
+    if cfg.augment.device != "cpu":  # decode + augment here, on this worker's device
+        worker_aug = augment.WorkerAugment(config.AugmentConfig(**loop_cfg["config"]["augment"]),
+                                           cfg.data.image_size, cfg.train.seed, device)
+    channels_last = device.type == "cuda" and cfg.train.channels_last
     clock = augment.epoch_clock(loop_cfg["clock_name"])
     beat = _Heartbeat(loop_cfg["run_uri"])
+    trace = _Trace(loop_cfg.get("trace_ids_dir"), rank)
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.get(loop_cfg["val_ref"]) if loop_cfg.get("val_ref") is not None else None
     val_shard = ray.train.get_dataset_shard("val") if val_data is None else None
+    every = cfg.train.checkpoint_every_steps
+
+    def save(epoch: int, completed: int, metrics: dict[str, Any], state: dict[str, Any], name: str) -> None:
+        """Rank 0 writes the checkpoint folder (a model artifact + train state) taken
+        during epoch index ``epoch`` after ``completed`` whole epochs; every rank
+        reports, as Ray Train requires."""
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                weights = ema.module.state_dict() if ema is not None else _unwrap(model).state_dict()
+                weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
+                artifact.save(d, weights, {**loop_cfg["meta"], "metrics": metrics, "epoch": completed})
+                state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "best_acc": best_acc, "since_best": since_best, "history": json.dumps(history), **state}
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
+                torch.save(state, os.path.join(d, TRAIN_STATE))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        trace.commit(epoch)
+
     for epoch in range(start_epoch, cfg.train.epochs):
-        ray.get(clock.set.remote(epoch))  # every rank sets it before the epoch's data flows
-        torch.manual_seed(cfg.train.seed * 1000 + epoch * world + rank)  # mixup draws
+        consumed = None  # bits of the rows this epoch has trained on, as of the last checkpoint
+        carry = {"seen": 0.0, "loss_sum": 0.0, "correct": 0.0, "seconds": 0.0}
+        if partial is not None and int(partial["epoch"]) == epoch:
+            consumed = partial["consumed"].numpy()
+            carry = {k: float(partial[k]) for k in carry}
+        partial = None
+        ray.get(clock.set.remote(epoch, consumed))  # every rank sets it before the epoch's data flows
+        torch.manual_seed(hash((cfg.train.seed, epoch, step, rank)) % 2**63)  # mixup draws
+        rows: list = []  # row numbers this rank trained on since the epoch (re)started
+
+        def prepare(batch, epoch=epoch):
+            imgs = worker_aug(batch["image"], batch["image_id"], epoch)
+            return augment.to_input(imgs, cfg.augment.mean, cfg.augment.std, device, channels_last)
+
+        def after_step(step_now: int, batch: dict[str, Any], stats: dict[str, float], epoch=epoch,
+                       carry=carry, rows=rows) -> None:
+            nonlocal consumed
+            rows.append(batch["row"])
+            trace.step(epoch, batch["image_id"])
+            if rank == 0:
+                beat(step_now)
+            if every and step_now % every == 0:
+                consumed = _consumed_bits(n_train, consumed, rows)
+                rows.clear()
+                totals = _all_reduce([stats[k] for k in ("seen", "loss_sum", "correct", "seconds")])
+                done = {k: carry[k] + v for k, v in zip(("seen", "loss_sum", "correct", "seconds"), totals)}
+                # scored -1: never the run's best, kept only while it is the latest
+                save(epoch, epoch, {"epoch": epoch, "step": step_now, "val_accuracy": -1.0, "mid_epoch": True},
+                     {"epoch": epoch - 1, "step": step_now,
+                      "partial": {"epoch": epoch, "consumed": torch.from_numpy(consumed), **done}},
+                     f"checkpoint_epoch_{epoch + 1:04d}_step_{step_now:07d}")
+
         loader = _crash_hook(loop_cfg.get("crash_once"), rank, epoch, _batches(train_shard.iter_batches(
-            batch_size=cfg.train.batch_size, batch_format="numpy", local_shuffle_buffer_size=cfg.data.shuffle_buffer,
-            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank), trace=(rank, epoch),
-            trace_dir=loop_cfg.get("trace_ids_dir")))
+            batch_size=cfg.train.batch_size, batch_format="numpy", local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank), decoded=worker_aug is None))
         freeze = epoch < cfg.train.freeze_backbone_epochs
         tr = train_one_epoch(model, loader, opt, loss_fn, step, total_steps, warmup_steps, cfg, device,
-                             mixer, ema, freeze, heartbeat=beat if rank == 0 else None)
+                             mixer, ema, freeze, prepare=prepare if worker_aug is not None else None,
+                             after_step=after_step)
         step = tr["step"]
         eval_model = ema.module if ema is not None else model
         val_batches = (_memory_batches(val_data, 256) if val_data is not None
                        else _batches(val_shard.iter_batches(batch_size=256, batch_format="numpy")))
         ev = evaluate(eval_model, val_batches, cfg, device, num_classes)
-        seen, loss_sum, correct, secs = _all_reduce([tr["seen"], tr["loss_sum"], tr["correct"], tr["seconds"]])
+        seen, loss_sum, correct, secs = (c + v for c, v in zip(
+            carry.values(), _all_reduce([tr["seen"], tr["loss_sum"], tr["correct"], tr["seconds"]])))
         # val is not split: every rank scores the whole (small) val set, so no reduce
         vloss, vn, confusion = ev["loss_sum"], ev["n"], ev["confusion"]
         val_correct = float(confusion.diag().sum())
@@ -247,34 +322,57 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                    "train_accuracy": correct / max(seen, 1), "val_loss": vloss / max(vn, 1),
                    "val_accuracy": val_acc, "best_val_accuracy": best_acc, "lr": tr["lr"],
                    "train_images": int(seen), "val_images": int(vn),
-                   "dropped_train_images": int(loop_cfg["train_rows"] - rows_per_rank * world),
+                   "dropped_train_images": int(n_train - seen),  # equal split's remainder
                    "images_per_second": seen / max(secs / world, 1e-9), "epoch_seconds": secs / world}
         history.append(metrics)
         stop = cfg.train.early_stopping_patience > 0 and since_best >= cfg.train.early_stopping_patience
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                weights = ema.module.state_dict() if ema is not None else _unwrap(model).state_dict()
-                weights = {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
-                meta = {**loop_cfg["meta"], "metrics": metrics, "epoch": epoch + 1}
-                artifact.save(d, weights, meta)
-                state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "step": step, "best_acc": best_acc, "since_best": since_best,
-                         "history": json.dumps(history)}
-                if ema is not None:
-                    state["ema"] = ema.state_dict()
-                torch.save(state, os.path.join(d, TRAIN_STATE))
-                _write_metrics(loop_cfg["run_uri"], history)
-                print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
-                      f"train_acc {metrics['train_accuracy']:.4f}  val_acc {val_acc:.4f}  "
-                      f"lr {tr['lr']:.4f}  {metrics['images_per_second']:.0f} img/s  "
-                      f"{metrics['epoch_seconds']:.1f}s", flush=True)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+        if rank == 0:
+            _write_metrics(loop_cfg["run_uri"], history)
+            print(f"epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+                  f"train_acc {metrics['train_accuracy']:.4f}  val_acc {val_acc:.4f}  "
+                  f"lr {tr['lr']:.4f}  {metrics['images_per_second']:.0f} img/s  "
+                  f"{metrics['epoch_seconds']:.1f}s", flush=True)
+        save(epoch, epoch + 1, metrics, {"epoch": epoch, "step": step}, f"checkpoint_epoch_{epoch + 1:04d}")
         if stop:
             if rank == 0:
                 print(f"early stopping: no val improvement for {since_best} epochs", flush=True)
             break
+
+
+def _consumed_bits(n: int, consumed, rows: list) -> Any:
+    """Merge this rank's and the other ranks' trained-on row numbers into the epoch's
+    consumed-row bitmap (``np.packbits`` of ``n`` bits)."""
+    import numpy as np
+    import torch.distributed as dist
+
+    mine = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+    everyone = [mine]
+    if dist.is_available() and dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    bits = np.zeros(n, dtype=bool) if consumed is None else np.unpackbits(consumed, count=n).astype(bool)
+    for r in everyone:
+        bits[r] = True
+    return np.packbits(bits)
+
+
+class _Trace:
+    """Test hook: with a folder, each rank appends the image ids it trained on to
+    ``<dir>/rank<R>-epoch<E>.txt`` when a checkpoint commits them (ids trained on after
+    the last checkpoint of a crashed attempt are trained on again, and traced then)."""
+
+    def __init__(self, folder: str | None, rank: int) -> None:
+        self.folder, self.rank, self.pending = folder, rank, []
+
+    def step(self, epoch: int, ids) -> None:
+        if self.folder:
+            self.pending.extend(str(i) for i in ids)
+
+    def commit(self, epoch: int) -> None:
+        if self.folder and self.pending:
+            with open(os.path.join(self.folder, f"rank{self.rank}-epoch{epoch}.txt"), "a") as f:
+                f.write("".join(f"{i}\n" for i in self.pending))
+            self.pending = []
 
 
 class _Heartbeat:
@@ -293,11 +391,14 @@ class _Heartbeat:
 
 def _crash_hook(spec: dict[str, Any] | None, rank: int, epoch: int, batches):
     """Test-only fault injection: the worker of ``spec["rank"]`` dies (``os._exit``) at
-    batch ``spec["batch"]`` of epoch index ``spec["epoch"]``, once (a marker file)."""
+    batch ``spec["batch"]`` of epoch index ``spec["epoch"]``, once (a marker file), after
+    ``spec["wait_s"]`` seconds (time for Ray Train's controller, which polls workers every
+    2 s, to have registered the last checkpoint)."""
     for i, b in enumerate(batches):
         if (spec and spec["rank"] == rank and spec["epoch"] == epoch and i == spec.get("batch", 1)
                 and not os.path.exists(spec["marker"])):
             open(spec["marker"], "w").close()
+            time.sleep(spec.get("wait_s", 0.0))
             os._exit(1)
         yield b
 
@@ -308,17 +409,15 @@ def _memory_batches(data: dict[str, Any], batch_size: int):
                "label": torch.from_numpy(data["label"][i:i + batch_size])}
 
 
-def _batches(it, trace: tuple[int, int] | None = None, trace_dir: str | None = None):
-    """numpy batches -> torch tensors (image uint8, label int64), ids kept as strings.
-
-    With ``trace_dir`` (a local folder), the training ids each rank sees per epoch are
-    appended to ``<trace_dir>/rank<R>-epoch<E>.txt``: tests use it to prove every
-    image is seen exactly once per epoch."""
+def _batches(it, decoded: bool = True):
+    """numpy batches -> torch tensors (label int64; image uint8 when ``decoded``, else the
+    encoded bytes for :class:`pipeline.augment.WorkerAugment`); ids and rows kept as numpy."""
     for b in it:
-        if trace_dir:
-            with open(os.path.join(trace_dir, f"rank{trace[0]}-epoch{trace[1]}.txt"), "a") as f:
-                f.write("".join(f"{i}\n" for i in b["image_id"]))
-        yield {"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(b["label"]), "image_id": b["image_id"]}
+        out = {"image": torch.from_numpy(b["image"]) if decoded else b["image"],
+               "label": torch.from_numpy(b["label"].astype("int64")), "image_id": b["image_id"]}
+        if "row" in b:
+            out["row"] = b["row"]
+        yield out
 
 
 def _write_metrics(run_uri: str, history: list[dict[str, Any]]) -> None:
@@ -356,7 +455,7 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
         crash_once: dict[str, Any] | None = None) -> dict[str, Any]:
     """``imgpipe train``: train on ``data.manifest``; returns the summary dict.
 
-    ``trace_ids_dir`` and ``crash_once`` are test hooks (see :func:`_batches`, :func:`_crash_hook`)."""
+    ``trace_ids_dir`` and ``crash_once`` are test hooks (see :class:`_Trace`, :func:`_crash_hook`)."""
     import ray
     import ray.data
     import ray.train
@@ -388,10 +487,12 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
     epoch_clock = augment.epoch_clock(clock_name)  # created here so readers always find it
     train_ds = shards.read_split(manifest, "train", columns=["image_id", "image", "label"],
                                  shuffle_seed=cfg.train.seed, clock_name=clock_name)
-    train_ds = train_ds.map_batches(
-        augment.AugmentBatch, fn_constructor_kwargs={"cfg": acfg, "size": size, "train": True,
-                                                     "seed": cfg.train.seed, "clock_name": clock_name},
-        compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors), num_cpus=AUGMENT_ACTOR_CPUS, batch_size=cfg.augment.batch_size)
+    if cfg.augment.device == "cpu":
+        train_ds = train_ds.map_batches(
+            augment.AugmentBatch, fn_constructor_kwargs={"cfg": acfg, "size": size, "train": True,
+                                                         "seed": cfg.train.seed, "clock_name": clock_name},
+            compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors), num_cpus=AUGMENT_ACTOR_CPUS,
+            batch_size=cfg.augment.batch_size)
     val_ds = shards.read_split(manifest, "val", columns=["image_id", "image", "label"]).map_batches(
         _eval_transform, fn_kwargs={"cfg": acfg, "size": size}, num_cpus=EVAL_TASK_CPUS, batch_size=256)
     datasets = {"train": train_ds}

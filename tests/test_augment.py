@@ -53,3 +53,45 @@ def test_to_input_normalizes():
     x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     y = augment.to_input(x, [0.5] * 3, [0.5] * 3, torch.device("cpu"))
     assert y.dtype == torch.float32 and torch.allclose(y, torch.ones_like(y))
+
+
+def _jpeg(seed=0, size=(40, 48), mode="RGB", orientation=None):
+    rng = np.random.default_rng(seed)
+    shape = (*size, 3) if mode in ("RGB", "CMYK") else size
+    im = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode="RGB" if mode == "CMYK" else mode)
+    if mode == "CMYK":
+        im = im.convert("CMYK")
+    buf = io.BytesIO()
+    kwargs = {}
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif.tobytes()
+    im.save(buf, format="JPEG", quality=95, **kwargs)
+    return buf.getvalue()
+
+
+def test_worker_decode_matches_the_careful_decoder():
+    """Batched decode_jpeg (nvJPEG on a GPU, libjpeg-turbo here) for plain RGB/grey JPEGs;
+    PNG, CMYK and EXIF-rotated JPEGs take the PIL path: every image decodes as the
+    actor path would decode it."""
+    blobs = [_jpeg(0), _jpeg(1, mode="L"), _png(2), _jpeg(3, mode="CMYK"), _jpeg(4, orientation=6)]
+    assert [augment._gpu_decodable(b) for b in blobs] == [True, True, False, False, False]
+    w = augment.WorkerAugment(config.load().augment, 32, seed=0, device=torch.device("cpu"))
+    for got, blob in zip(w.decode(blobs), blobs):
+        want = augment.decode_tensor(blob)
+        assert got.shape == want.shape and got.dtype == torch.uint8
+        assert (got.int() - want.int()).abs().max() <= 2  # two JPEG decoders may round differently
+    assert w.decode([blobs[4]])[0].shape == (3, 48, 40)  # orientation 6: rotated upright
+
+
+def test_worker_augment_is_reproducible_from_seed_epoch_id():
+    cfg = config.load(None, ["augment.preset=imagenet", "augment.hflip=true"]).augment
+    w = augment.WorkerAugment(cfg, 24, seed=5, device=torch.device("cpu"))
+    blobs = np.array([_jpeg(i) for i in range(3)], dtype=object)
+    ids = np.array(["a", "b", "c"], dtype=object)
+    out = w(blobs, ids, epoch=0)
+    assert out.shape == (3, 3, 24, 24) and out.dtype == torch.uint8
+    assert torch.equal(out, w(blobs, ids, epoch=0))
+    assert not torch.equal(out, w(blobs, ids, epoch=1))
+    assert torch.equal(out[1], w(blobs[1:2], ids[1:2], epoch=0)[0])  # independent of the batch around it

@@ -30,6 +30,9 @@ def test_yaml_and_overrides(tmp_path):
     ("augment.preset=foo", "config key 'augment.preset' must be one of digits, imagenet, none"),
     ("storage.s3.endpoint=x", "unknown config key 'storage.s3.endpoint'; valid keys in 'storage.s3': endpoint_url"),
     ("train.epochs=0", "train.epochs must be >= 1"),
+    ("augment.device=gpu", "config key 'augment.device' must be one of cpu, cuda, worker"),
+    ("augment.device=cuda", "augment.device=cuda needs train.use_gpu=true (valid without a GPU: cpu, worker)"),
+    ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(config.ConfigError) as e:

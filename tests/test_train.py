@@ -101,19 +101,60 @@ def test_train_on_s3(packed, s3_bucket, s3_server, tmp_path):
     assert pq  # pyarrow used by fixtures
 
 
+def _train_ids(packed) -> collections.Counter:
+    ids = collections.Counter()
+    for t in shards.iter_split(shards.read_manifest(packed), "train", columns=["image_id"]):
+        ids.update(t.column("image_id").to_pylist())
+    return ids
+
+
 @pytest.mark.timeout(600)
-def test_worker_killed_mid_epoch_recovers(packed, tmp_path):
-    """One worker dies mid-epoch after a checkpoint: Ray Train restarts the group, the
-    loop restores model/optimizer/schedule from the last checkpoint and finishes."""
+def test_worker_killed_mid_epoch_resumes_data_exactly(packed, tmp_path):
+    """One worker dies mid-epoch, after a step checkpoint: Ray Train restarts the group,
+    the loop restores model/optimizer/schedule *and the data position* from that
+    checkpoint, and every training image is trained on exactly once per epoch.
+
+    The trace records the ids each rank trained on as checkpoints commit them; a resume
+    that restarted the epoch's data would repeat the images of the checkpointed steps."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
     cfg = small_config(data={"manifest": packed}, train={"storage": str(tmp_path), "run_name": "ft",
-                                                         "epochs": 3, "max_failures": 1})
+                                                         "epochs": 2, "max_failures": 1,
+                                                         "checkpoint_every_steps": 2})
     marker = tmp_path / "crashed"
-    out = train.run(cfg, quiet=True, crash_once={"rank": 1, "epoch": 1, "batch": 1, "marker": str(marker)})
+    # 140 train images, 2 ranks x batch 16: epoch 2 is steps 6-10; checkpoints at 6 and 8;
+    # rank 1 dies before its 4th batch of epoch 2 (step 9), after the step-8 checkpoint
+    out = train.run(cfg, quiet=True, trace_ids_dir=str(trace),
+                    crash_once={"rank": 1, "epoch": 1, "batch": 3, "marker": str(marker), "wait_s": 5.0})
     assert marker.exists(), "the fault was not injected"
     hist = [json.loads(x) for x in open(os.path.join(out["run_uri"], "metrics.jsonl"))]
-    assert [h["epoch"] for h in hist] == [1, 2, 3]
-    steps_per_epoch = hist[0]["step"]
-    assert [h["step"] for h in hist] == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert [h["step"] for h in hist] == [5, 10]  # the schedule continued, no step repeated
+    ids = _train_ids(packed)
+    for epoch in (0, 1):
+        seen = collections.Counter()
+        for rank in (0, 1):
+            seen.update(open(trace / f"rank{rank}-epoch{epoch}.txt").read().split())
+        assert not seen - ids, f"epoch {epoch}: repeated images {list(seen - ids)[:3]}"
+        missing = sum((ids - seen).values())
+        assert missing == hist[epoch]["dropped_train_images"] <= 1
+        assert hist[epoch]["train_images"] == sum(ids.values()) - missing  # sums carried across the restart
+
+
+@pytest.mark.timeout(600)
+def test_augment_in_worker(packed, tmp_path):
+    """augment.device=worker: the training workers decode and augment (the code path of
+    augment.device=cuda, on CPU); no augment actor pool."""
+    cfg = small_config(data={"manifest": packed}, augment={"device": "worker"},
+                       train={"storage": str(tmp_path), "run_name": "w", "epochs": 1})
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    out = train.run(cfg, quiet=True, trace_ids_dir=str(trace))
+    seen = collections.Counter()
+    for rank in (0, 1):
+        seen.update(open(trace / f"rank{rank}-epoch0.txt").read().split())
+    assert seen == _train_ids(packed)
+    assert out["test_accuracy"] is not None
 
 
 @pytest.mark.timeout(600)
