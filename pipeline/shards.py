@@ -41,7 +41,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 SHARD_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()),
                           ("label", pa.int32()), ("source", pa.string())])
 ERROR_SCHEMA = pa.schema([("source", pa.string()), ("image_id", pa.string()), ("error", pa.string())])
-READ_THREADS = 16  # concurrent object reads per task: S3 latency, not CPU, bounds small reads
+READ_THREADS = 16  # threads validating images in one pack task (Pillow and hashlib release the GIL)
+READ_BATCH = 256  # images one pack task fetches by one storage.read_many call (concurrent GETs)
 # Cap on rows per shard when sizing by bytes: 128 MB of 1 KB thumbnails is ~120k rows,
 # one task holding them all; 10k rows keeps task memory and parallelism bounded.
 MAX_SHARD_ROWS_BY_BYTES = 10_000
@@ -331,15 +332,31 @@ def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: 
                 "bytes": len(data), "reused": True}
 
     sources, labels, origins, shas = task["sources"], task["labels"], task["origins"], task["origin_sha256"]
+    cache: dict[str, pa.Table] = {}
 
-    def fetch_and_check(i: int) -> tuple[bytes | None, str, str]:
-        """(bytes, image_id, error) of one image. Runs in a thread pool: object reads wait
-        on the network, and Pillow's decoder and hashlib release the GIL, so one task
-        validates on several cores."""
-        try:
-            blob = _read_origin(origins[i], shas[i], cache) if origins[i] else storage.read_bytes(sources[i])
-        except storage.NotFound as e:
-            return None, "", f"missing: {e}"
+    def fetch(rows: range) -> list[bytes | Exception]:
+        """The bytes (or the read error) of rows ``rows``: objects by one batched
+        :func:`storage.read_many` (concurrent GETs on s3fs' event loop), rows of origin
+        shards (re-packing a shard set) from the one-shard cache, in this thread."""
+        blobs: list[bytes | Exception] = [b""] * len(rows)
+        direct = [k for k, i in enumerate(rows) if not origins[i]]
+        for k, blob in zip(direct, storage.read_many([sources[rows[k]] for k in direct]) if direct else []):
+            blobs[k] = blob
+        for k, i in enumerate(rows):
+            if origins[i]:
+                try:
+                    blobs[k] = _read_origin(origins[i], shas[i], cache)
+                except storage.NotFound as e:
+                    blobs[k] = e
+        return blobs
+
+    def check(blob: bytes | Exception) -> tuple[bytes | None, str, str]:
+        """(bytes, image_id, error) of one image. Runs in a thread pool: Pillow's decoder
+        and hashlib release the GIL, so one task validates on several cores."""
+        if isinstance(blob, storage.NotFound):
+            return None, "", f"missing: {blob}"
+        if isinstance(blob, Exception):  # Forbidden, retries exhausted, ...: fail the task
+            raise blob
         image_id = hashlib.sha256(blob).hexdigest()
         try:
             images.check(blob, max_pixels=max_pixels)
@@ -347,13 +364,12 @@ def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: 
             return None, image_id, f"{e.reason}: {e}"
         return blob, image_id, ""
 
-    cache: dict[str, pa.Table] = {}
     good: dict[str, list] = {"image_id": [], "image": [], "label": [], "source": []}
     bad: dict[str, list] = {"source": [], "image_id": [], "error": []}
-    # origin shards (re-packing a shard set) share a one-shard cache: read those serially
-    threads = 1 if any(origins) else READ_THREADS
-    with ThreadPoolExecutor(threads) as pool:
-        for i, (blob, image_id, error) in enumerate(pool.map(fetch_and_check, range(len(sources)))):
+
+    def collect(rows: range, checks: list) -> None:
+        for i, fut in zip(rows, checks):
+            blob, image_id, error = fut.result()
             if error:
                 bad["source"].append(sources[i])
                 bad["image_id"].append(image_id)
@@ -363,6 +379,18 @@ def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: 
             good["image"].append(blob)
             good["label"].append(labels[i])
             good["source"].append(sources[i])
+
+    # Reads of batch k+1 overlap the validation of batch k (at most two batches held).
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        previous = None
+        for start in range(0, len(sources), READ_BATCH):
+            rows = range(start, min(start + READ_BATCH, len(sources)))
+            checks = [pool.submit(check, blob) for blob in fetch(rows)]
+            if previous is not None:
+                collect(*previous)
+            previous = (rows, checks)
+        if previous is not None:
+            collect(*previous)
     if bad["source"]:  # errors first: a shard present implies its errors file is too
         buf = io.BytesIO()
         pq.write_table(pa.table(bad, schema=ERROR_SCHEMA), buf)

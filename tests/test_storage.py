@@ -78,3 +78,17 @@ def test_retry_is_bounded_and_classifies():
 
     with pytest.raises(storage.StorageError, match="still failing after 4 attempts"):
         storage.retry(always_503, "s3://b/k", opts)
+
+
+def test_read_many_in_order_errors_in_place(root):
+    uris = [storage.join(root, "m", f"{i:03d}.bin") for i in range(40)]
+    for i, u in enumerate(uris):
+        storage.write_bytes(u, f"object {i}".encode())
+    missing = storage.join(root, "m", "nope.bin")
+    out = storage.read_many([uris[5], missing, *uris])
+    assert out[0] == b"object 5"
+    assert isinstance(out[1], storage.NotFound) and "m/nope.bin" in str(out[1])
+    assert out[2:] == [f"object {i}".encode() for i in range(40)]
+    assert storage.read_many([]) == []
+    # a small concurrency still reads everything, in order
+    assert storage.read_many(uris, concurrency=3) == [f"object {i}".encode() for i in range(40)]

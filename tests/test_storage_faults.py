@@ -161,3 +161,109 @@ def test_proxy_is_loopback_only(s3_server):
         FaultProxy("http://10.1.2.3:9000")
     with pytest.raises(ValueError, match="loopback"):
         FaultProxy(s3_server, host="0.0.0.0")
+
+
+# ------------------------------------------------------------------- read_many
+
+
+def _seed(direct, s3_bucket, names):
+    for n in names:
+        direct.pipe_file(f"{_bucket(s3_bucket)}/{n}", f"data of {n}".encode())
+    return [f"{s3_bucket}/{n}" for n in names]
+
+
+def test_read_many_retries_only_the_throttled_objects(proxy, direct, s3_bucket):
+    names = [f"m/{i:03d}.png" for i in range(24)]
+    uris = _seed(direct, s3_bucket, names)
+    hot = {"m/003.png", "m/010.png", "m/017.png"}
+    faults = [proxy.add_fault(method="GET", path_contains=f"/{n}", status=503, code="SlowDown", times=2)
+              for n in sorted(hot)]
+    faults.append(proxy.add_fault(method="GET", path_contains="/m/020.png", status=500,
+                                  code="InternalError", times=1))
+    out = storage.read_many(uris)
+    assert out == [f"data of {n}".encode() for n in names]  # in order, every one read
+    assert all(f.hits == f.times for f in faults)
+    for n in names:
+        # one GET per object (no HEAD first); botocore's 2 attempts + 1 more round for
+        # the throttled ones; a single 500 is absorbed by botocore's second attempt
+        want = 3 if n in hot else 2 if n == "m/020.png" else 1
+        assert proxy.count("GET", f"/{n}") == want, n
+    assert proxy.count("HEAD", "/m/") == 0
+
+
+def test_read_many_missing_and_forbidden_in_place_named(proxy, direct, s3_bucket):
+    uris = _seed(direct, s3_bucket, ["n/a.png", "n/secret.png", "n/c.png"])
+    proxy.add_fault(path_contains="/n/secret.png", status=403, code="AccessDenied", times=None)
+    missing = f"{s3_bucket}/n/missing.png"
+    out = storage.read_many([uris[0], missing, uris[1], uris[2]])
+    assert out[0] == b"data of n/a.png" and out[3] == b"data of n/c.png"
+    assert isinstance(out[1], storage.NotFound) and missing in str(out[1])
+    assert isinstance(out[2], storage.Forbidden) and uris[1] in str(out[2])
+    # 403 / 404 are not retried
+    assert proxy.count("GET", "/n/missing.png") == 1 and proxy.count("GET", "/n/secret.png") == 1
+    assert proxy.count("HEAD", "/n/") == 0
+
+
+def test_read_many_persistent_slowdown_exhausts_retries_naming_uri(proxy, direct, s3_bucket):
+    uris = _seed(direct, s3_bucket, ["p/ok1.png", "p/hot.png", "p/ok2.png"])
+    proxy.add_fault(method="GET", path_contains="/p/hot.png", status=503, code="SlowDown", times=None)
+    t0 = time.monotonic()
+    out = storage.read_many(uris)
+    elapsed = time.monotonic() - t0
+    assert out[0] == b"data of p/ok1.png" and out[2] == b"data of p/ok2.png"
+    err = out[1]
+    assert isinstance(err, storage.StorageError) and uris[1] in str(err)
+    assert f"still failing after {RETRIES} attempts" in str(err) and "reduce your request rate" in str(err)
+    attempts = proxy.count("GET", "/p/hot.png")
+    assert RETRIES < attempts <= RETRIES * BOTOCORE_ATTEMPTS
+    assert proxy.count("GET", "/p/ok1.png") == 1 and proxy.count("GET", "/p/ok2.png") == 1
+    assert elapsed < 8
+
+
+def test_read_many_reset_and_truncated_body_then_success(proxy, direct, s3_bucket):
+    data = bytes(range(256)) * 64
+    direct.pipe_file(f"{_bucket(s3_bucket)}/q/t.png", data)
+    uris = _seed(direct, s3_bucket, ["q/r.png"]) + [f"{s3_bucket}/q/t.png"]
+    proxy.add_fault(method="GET", path_contains="/q/r.png", reset=True, times=1)
+    proxy.add_fault(method="GET", path_contains="/q/t.png", truncate=True, times=2)
+    assert storage.read_many(uris) == [b"data of q/r.png", data]
+    assert proxy.count("GET", "/q/r.png") == 2
+    assert proxy.count("GET", "/q/t.png") == 3
+
+
+def test_write_shard_batched_reads_keep_order_and_quarantine(proxy, direct, s3_bucket):
+    """pack's write_shard over S3 through the proxy, in-process (no Ray): more rows than
+    one read_many batch, a throttled object read after retries, a missing one quarantined
+    as before, rows kept in order; a 403 fails the task naming the URI."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline import images, shards
+
+    n = shards.READ_BATCH + 40
+    names = [f"w/c{i % 3}/{i:04d}.png" for i in range(n)]
+    for i, name in enumerate(names):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(buf, format="PNG")
+        direct.pipe_file(f"{_bucket(s3_bucket)}/{name}", buf.getvalue())
+    sources = [f"{s3_bucket}/{name}" for name in names]
+    sources[7] = f"{s3_bucket}/w/c1/gone.png"  # listed, then deleted
+    throttled = proxy.add_fault(method="GET", path_contains=names[n - 3], status=503, code="SlowDown", times=2)
+    task = {"dst": f"{s3_bucket}/out", "split": "train", "index": 0, "sources": sources,
+            "labels": [i % 3 for i in range(n)], "origins": [""] * n, "origin_sha256": [""] * n}
+    r = shards.write_shard(task, storage.default_options(), images.MAX_PIXELS)
+    assert (r["rows"], r["bad"], r["reasons"]) == (n - 1, 1, {"missing": 1})
+    assert throttled.hits == 2
+    shard = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/out/train/part-00000.parquet")))
+    assert shard.column("source").to_pylist() == sources[:7] + sources[8:]
+    assert shard.column("label").to_pylist() == [i % 3 for i in range(n) if i != 7]
+    errors = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/out/_errors/train-part-00000.parquet")))
+    assert errors.column("source").to_pylist() == [sources[7]]
+    assert errors.column("error")[0].as_py() == f"missing: not found: {sources[7]}"
+
+    proxy.add_fault(method="GET", path_contains=names[280], status=403, code="AccessDenied", times=None)
+    with pytest.raises(storage.Forbidden, match=re.escape(sources[280])):
+        shards.write_shard({**task, "index": 1}, storage.default_options(), images.MAX_PIXELS)
+    assert not direct.exists(f"{_bucket(s3_bucket)}/out/train/part-00001.parquet")
