@@ -15,7 +15,8 @@ Sizes: ``--size large`` (default): 500x375 JPEGs, ImageNet recipe (RandomResized
 rotation 10). Throughput is over ``--epochs`` passes (default 2) and excludes packing
 and Ray's start (reported apart). Each side's ``seconds_to_first_batch`` and
 ``seconds_per_pass`` are in ``ours_extra`` / ``baseline_extra``; ours' first batch waits
-for actor start-up and for the 2,048-row local shuffle window that ``imgpipe train`` uses.
+for actor start-up and for the local shuffle window that ``imgpipe train`` uses
+(``data.shuffle_buffer``; ``--shuffle-buffer`` to compare).
 
     python benchmarks/ingest.py                       # 2,000 large JPEGs, all cores
     python benchmarks/ingest.py --size small --n 20000
@@ -95,7 +96,7 @@ def baseline_ingest(root: str, acfg, size: int, cpus: int, batch: int, epochs: i
 
 
 def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, epochs: int,
-                timing: dict | None = None, shuffle_buffer: int | None = 2048) -> int:
+                timing: dict | None = None, shuffle_buffer: int | None = None) -> int:
     """Stream ``epochs`` passes; ``timing`` gets the seconds to the first batch of each pass.
 
     ``shuffle_buffer``: rows of Ray Data's local shuffle window, as ``imgpipe train``
@@ -106,7 +107,10 @@ def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, e
     import torch
 
     from pipeline import augment, shards
+    from pipeline.config import DataConfig
 
+    if shuffle_buffer is None:
+        shuffle_buffer = DataConfig().shuffle_buffer
     n = 0
     for _ in range(epochs):
         t0 = time.perf_counter()
@@ -117,7 +121,7 @@ def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, e
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=round((cpus - READ_CPUS) / actors, 2), batch_size=acfg.batch_size)
         first = True
-        for b in ds.iter_batches(batch_size=batch, batch_format="numpy", local_shuffle_buffer_size=shuffle_buffer):
+        for b in ds.iter_batches(batch_size=batch, batch_format="numpy", local_shuffle_buffer_size=shuffle_buffer or None):
             x = torch.from_numpy(b["image"])
             assert x.dtype == torch.uint8
             if first and timing is not None:
@@ -146,7 +150,8 @@ def work(side: str, args, state: dict):
     else:
         from pipeline import shards
 
-        n = ours_ingest(shards.read_manifest(state["dst"]), acfg, size, args.cpus, actors, batch, args.epochs, timing)
+        n = ours_ingest(shards.read_manifest(state["dst"]), acfg, size, args.cpus, actors, batch, args.epochs, timing,
+                        shuffle_buffer=args.shuffle_buffer)
     return n, {"seconds_to_first_batch": [round(x, 2) for x in timing["first_batch_s"]],
                "seconds_per_pass": [round(x, 2) for x in timing["pass_s"]]}
 
@@ -157,6 +162,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=None, help="default 256 (large: 128)")
     p.add_argument("--actors", type=int, default=None, help="augment actors (default: cpus)")
+    p.add_argument("--shuffle-buffer", type=int, default=None,
+                   help="ours' local shuffle window in rows (default: data.shuffle_buffer; 0: none)")
     p.add_argument("--shard-rows", type=int, default=None,
                    help="rows per packed shard (default: large 100, small 1000): blocks the actors share")
     args = common.parse(p, argv)
@@ -184,7 +191,9 @@ def main(argv=None) -> None:
                          label=f"ingest {size_kind} {len(train_ids)}x{args.epochs}")
     assert res["images_ours"] == len(train_ids) * args.epochs == res.get("images_baseline", res["images_ours"]), res
     common.emit({"name": f"ingest_{size_kind}_jpeg_{acfg.preset}", "n": args.n, "train_images": len(train_ids),
-                 "epochs": args.epochs, **res, "batch_size": batch, "shard_rows": shard_rows, "actors": actors, "cpus": args.cpus,
+                 "epochs": args.epochs, **res, "batch_size": batch,
+                 "shuffle_buffer": config.DataConfig().shuffle_buffer if args.shuffle_buffer is None else args.shuffle_buffer,
+                 "shard_rows": shard_rows, "actors": actors, "cpus": args.cpus,
                  "image_size": size, "ours": f"read_split -> AugmentBatch x {actors} actors -> iter_batches",
                  "baseline": f"DataLoader(num_workers={args.cpus}, shuffle=True) over the files, same decode + TrainPreset"},
                 args)

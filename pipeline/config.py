@@ -36,7 +36,10 @@ class DataConfig:
     shard_mb: float = 128.0  # MB target per shard when shard_rows is 0 (at most 10k rows)
     val_fraction: float = 0.15  # of each class, for `pack`
     test_fraction: float = 0.15  # of each class; the frozen holdout
-    shuffle_buffer: int = 2048  # rows in each training worker's local shuffle window
+    # rows in each training worker's local shuffle window, mixing the blocks of different
+    # shards (rows within a shard are already permuted per epoch); the first batch of an
+    # epoch waits for it to fill. 0: none
+    shuffle_buffer: int = 512
     incoming: str | None = None  # prefix of nightly folders dt=YYYY-MM-DD/<class>/... (retrain)
 
 
