@@ -104,12 +104,20 @@ class EpochClock:
         return self.epoch, self.consumed
 
 
-def epoch_clock(name: str):
-    """Get or create the run's :class:`EpochClock` actor (0 CPU: bookkeeping only)."""
+def epoch_clock(name: str, on_this_node: bool = False):
+    """Get or create the run's :class:`EpochClock` actor (0 CPU: bookkeeping only).
+
+    The driver creates it with ``on_this_node``: pinned to the driver's node, like Ray
+    Train's own controller, so losing a worker node cannot take the clock with it."""
     import ray
 
-    return ray.remote(num_cpus=0)(EpochClock).options(
-        name=name, namespace="imgpipe", get_if_exists=True).remote()
+    opts: dict[str, Any] = {"name": name, "namespace": "imgpipe", "get_if_exists": True}
+    if on_this_node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(EpochClock).options(**opts).remote()
 
 
 class AugmentBatch:

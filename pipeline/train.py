@@ -484,7 +484,7 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
     acfg = dataclasses.asdict(cfg.augment)
     size = cfg.data.image_size
 
-    epoch_clock = augment.epoch_clock(clock_name)  # created here so readers always find it
+    epoch_clock = augment.epoch_clock(clock_name, on_this_node=True)  # here, so readers always find it
     train_ds = shards.read_split(manifest, "train", columns=["image_id", "image", "label"],
                                  shuffle_seed=cfg.train.seed, clock_name=clock_name)
     if cfg.augment.device == "cpu":

@@ -28,7 +28,6 @@ import time
 import pytest
 
 from pipeline import artifact, shards, storage, train
-from pipeline.errors import JobFailed
 from tests.conftest import small_config
 
 NODE_CPUS = 3  # logical CPUs of every node (head, second, replacement)
@@ -187,15 +186,6 @@ def _in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
     return t, box
 
 
-# Known product bug (reported, not fixed here: pipeline/ is not this test's to change): the
-# run's EpochClock actor (pipeline.augment.epoch_clock, 0 CPU, no node affinity, no restarts)
-# lands on any node. When it lands on the node that is lost, every restarted worker gets the
-# dead actor from `epoch_clock(name)` and fails at `clock.set.remote(...)`, so the second
-# worker-group failure exceeds train.max_failures=1 and train.run raises JobFailed. The
-# test passes when the clock lands on the head, and every time with the clock pinned to the
-# driver's node. Remove this marker once epoch_clock pins it there.
-@pytest.mark.xfail(raises=JobFailed, strict=False,
-                   reason="EpochClock actor can be placed on the lost node (pipeline.augment.epoch_clock)")
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_nodes_lose_one_mid_run_and_recover(two_nodes, digits_dir, s3_bucket, s3_server, tmp_path):
