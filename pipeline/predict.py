@@ -27,7 +27,6 @@ import io
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -206,18 +205,19 @@ class ModelBatch:
 
 
 def _read_batch(batch: dict[str, np.ndarray], opts: storage.StorageOptions) -> dict[str, np.ndarray]:
-    """Ray Data task: fetch each object's bytes (threads overlap latency), hash them."""
+    """Ray Data task: fetch the batch's objects concurrently (:func:`storage.read_many`),
+    hash them. An object gone since the listing is an error row; 403 or a fault that
+    outlasts the retries fails the task."""
     storage.configure(opts)
     uris = [str(u) for u in batch["uri"]]
-
-    def fetch(u: str) -> bytes | str:
-        try:
-            return storage.read_bytes(u)
-        except storage.NotFound:
-            return "missing: object disappeared after listing"
-
-    with ThreadPoolExecutor(16) as pool:
-        blobs = list(pool.map(fetch, uris))
+    blobs: list[bytes | str] = []
+    for got in storage.read_many(uris, opts):
+        if isinstance(got, storage.NotFound):
+            blobs.append("missing: object disappeared after listing")
+        elif isinstance(got, Exception):
+            raise got
+        else:
+            blobs.append(got)
     data = [b if isinstance(b, bytes) else b"" for b in blobs]
     errors = [b if isinstance(b, str) else ("empty: zero-byte file" if not b else "") for b in blobs]
     return {"source": np.array(uris, dtype=object), "bytes": np.array(data, dtype=object),
