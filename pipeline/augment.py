@@ -80,6 +80,12 @@ def sample_seed(seed: int, epoch: int, image_id: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def augment_one(transform, img: torch.Tensor, seed: int, epoch: int, image_id: str) -> torch.Tensor:
+    """``transform(img)`` with its random draws seeded from ``(seed, epoch, image_id)``."""
+    torch.manual_seed(sample_seed(seed, epoch, image_id))
+    return transform(img)
+
+
 def decode_tensor(data: bytes) -> torch.Tensor:
     """Encoded bytes -> uint8 CHW RGB tensor (EXIF applied; raises images.ImageError)."""
     return torch.from_numpy(images.decode_rgb(data)).permute(2, 0, 1).contiguous()
@@ -150,9 +156,8 @@ class AugmentBatch:
         out = np.empty((len(batch["image"]), 3, self.size, self.size), dtype=np.uint8)
         for i, (data, image_id) in enumerate(zip(batch["image"], batch["image_id"])):
             img = decode_tensor(bytes(data))
-            if self.train:
-                torch.manual_seed(sample_seed(self.seed, epoch, str(image_id)))
-            out[i] = self.transform(img).numpy()
+            out[i] = (augment_one(self.transform, img, self.seed, epoch, str(image_id)) if self.train
+                      else self.transform(img)).numpy()
         result = {"image": out, "label": batch["label"].astype(np.int64), "image_id": batch["image_id"]}
         if "row" in batch:  # the training stream's row numbers (exact resume)
             result["row"] = batch["row"]
@@ -203,8 +208,7 @@ class WorkerAugment:
         imgs = self.decode([bytes(b) for b in blobs])
         out = torch.empty((len(imgs), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
         for i, (img, image_id) in enumerate(zip(imgs, image_ids)):
-            torch.manual_seed(sample_seed(self.seed, epoch, str(image_id)))
-            out[i] = self.transform(img)
+            out[i] = augment_one(self.transform, img, self.seed, epoch, str(image_id))
         return out
 
 

@@ -49,6 +49,7 @@ TRAIN_STATE = "train_state.pt"
 VAL_IN_MEMORY_BYTES = 256 * 2**20  # val sets up to this (as uint8) are transformed once and shared
 METRICS = "metrics.jsonl"
 HEARTBEAT = "_heartbeat.json"
+SUMS = ("seen", "loss_sum", "correct", "seconds")  # per-epoch training sums, reduced over ranks
 
 
 # ------------------------------------------------------------------ worker side
@@ -267,10 +268,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.train.epochs):
         consumed = None  # bits of the rows this epoch has trained on, as of the last checkpoint
-        carry = {"seen": 0.0, "loss_sum": 0.0, "correct": 0.0, "seconds": 0.0}
+        carry = dict.fromkeys(SUMS, 0.0)  # sums of the steps before a mid-epoch restart
         if partial is not None and int(partial["epoch"]) == epoch:
             consumed = partial["consumed"].numpy()
-            carry = {k: float(partial[k]) for k in carry}
+            carry = {k: float(partial[k]) for k in SUMS}
         partial = None
         ray.get(clock.set.remote(epoch, consumed))  # every rank sets it before the epoch's data flows
         torch.manual_seed(hash((cfg.train.seed, epoch, step, rank)) % 2**63)  # mixup draws
@@ -284,14 +285,13 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                        carry=carry, rows=rows) -> None:
             nonlocal consumed
             rows.append(batch["row"])
-            trace.step(epoch, batch["image_id"])
+            trace.step(batch["image_id"])
             if rank == 0:
                 beat(step_now)
             if every and step_now % every == 0:
                 consumed = _consumed_bits(n_train, consumed, rows)
                 rows.clear()
-                totals = _all_reduce([stats[k] for k in ("seen", "loss_sum", "correct", "seconds")])
-                done = {k: carry[k] + v for k, v in zip(("seen", "loss_sum", "correct", "seconds"), totals)}
+                done = {k: carry[k] + v for k, v in zip(SUMS, _all_reduce([stats[k] for k in SUMS]))}
                 # scored -1: never the run's best, kept only while it is the latest
                 save(epoch, epoch, {"epoch": epoch, "step": step_now, "val_accuracy": -1.0, "mid_epoch": True},
                      {"epoch": epoch - 1, "step": step_now,
@@ -310,8 +310,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         val_batches = (_memory_batches(val_data, 256) if val_data is not None
                        else _batches(val_shard.iter_batches(batch_size=256, batch_format="numpy")))
         ev = evaluate(eval_model, val_batches, cfg, device, num_classes)
-        seen, loss_sum, correct, secs = (c + v for c, v in zip(
-            carry.values(), _all_reduce([tr["seen"], tr["loss_sum"], tr["correct"], tr["seconds"]])))
+        seen, loss_sum, correct, secs = (carry[k] + v for k, v in zip(SUMS, _all_reduce([tr[k] for k in SUMS])))
         # val is not split: every rank scores the whole (small) val set, so no reduce
         vloss, vn, confusion = ev["loss_sum"], ev["n"], ev["confusion"]
         val_correct = float(confusion.diag().sum())
@@ -364,7 +363,7 @@ class _Trace:
     def __init__(self, folder: str | None, rank: int) -> None:
         self.folder, self.rank, self.pending = folder, rank, []
 
-    def step(self, epoch: int, ids) -> None:
+    def step(self, ids) -> None:
         if self.folder:
             self.pending.extend(str(i) for i in ids)
 

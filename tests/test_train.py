@@ -14,6 +14,13 @@ from pipeline.runtime import train_resources
 from tests.conftest import small_config
 
 
+def _train_ids(packed) -> collections.Counter:
+    ids = collections.Counter()
+    for t in shards.iter_split(shards.read_manifest(packed), "train", columns=["image_id"]):
+        ids.update(t.column("image_id").to_pylist())
+    return ids
+
+
 def test_resources_leave_room_for_ray_data():
     cfg = load()
     r = train_resources(cfg, 2.0)
@@ -35,10 +42,7 @@ def test_two_workers_train_on_two_cpus(trained):
 
 
 def test_every_training_image_once_per_epoch(trained, packed):
-    m = shards.read_manifest(packed)
-    ids = collections.Counter()
-    for t in shards.iter_split(m, "train", columns=["image_id"]):
-        ids.update(t.column("image_id").to_pylist())
+    ids = _train_ids(packed)
     trace = trained["trace_dir"]
     for epoch in (0, 1):
         seen = collections.Counter()
@@ -99,13 +103,6 @@ def test_train_on_s3(packed, s3_bucket, s3_server, tmp_path):
     lines = storage.read_text(s3_bucket + "/runs/s3run/metrics.jsonl").splitlines()
     assert len(lines) == 1
     assert pq  # pyarrow used by fixtures
-
-
-def _train_ids(packed) -> collections.Counter:
-    ids = collections.Counter()
-    for t in shards.iter_split(shards.read_manifest(packed), "train", columns=["image_id"]):
-        ids.update(t.column("image_id").to_pylist())
-    return ids
 
 
 @pytest.mark.timeout(600)
