@@ -26,6 +26,7 @@ import json
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -154,18 +155,31 @@ def filesystem(uri: str, opts: StorageOptions | None = None, *,
 # ------------------------------------------------------------------------- retry
 
 
+_PATHS = re.compile(r"\S*/\S*")  # URLs and object keys: "127.0.0.1:40437/b/img_404.png" is no status
+
+
+def _status_text(exc: BaseException) -> str:
+    """What an error says about its cause, for matching status codes and S3 error codes:
+    type, message and cause, with URLs and paths removed (a port or a key can hold
+    "404" or "503")."""
+    return _PATHS.sub(" ", f"{type(exc).__name__} {exc} {exc.__cause__!r}")
+
+
+def _says(text: str, *words: str) -> bool:
+    """Any of ``words`` in ``text``; numeric codes only as whole numbers."""
+    return any(re.search(rf"(?<!\d){w}(?!\d)" if w.isdigit() else re.escape(w), text) for w in words)
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     # s3fs turns S3 errors into OSError(errno, server message), e.g. SlowDown into
     # OSError(EBUSY, 'Please reduce your request rate.'): the code is in the cause.
-    text = f"{type(exc).__name__} {exc} {exc.__cause__!r}"
-    permanent = ("403", "AccessDenied", "Forbidden", "404", "NoSuchKey", "NoSuchBucket", "InvalidAccessKeyId")
-    if any(p in text for p in permanent):
+    text = _status_text(exc)
+    if _says(text, "403", "AccessDenied", "Forbidden", "404", "NoSuchKey", "NoSuchBucket", "InvalidAccessKeyId"):
         return False
-    transient = ("SlowDown", "503", "500", "InternalError", "ServiceUnavailable", "Throttl",
-                 "RequestTimeout", "Connection", "timed out", "Timeout", "reset", "Broken pipe")
-    if any(t in text for t in transient):
+    if _says(text, "SlowDown", "503", "500", "InternalError", "ServiceUnavailable", "Throttl",
+             "RequestTimeout", "Connection", "timed out", "Timeout", "reset", "Broken pipe"):
         return True
     if _is_s3fs_retryable(exc):  # dropped connections, truncated bodies, s3fs timeouts
         return True
@@ -223,9 +237,10 @@ def _permanent_error(e: Exception, uri: str) -> Exception | None:
         return e
     if _is_transient(e):
         return None
-    if "404" in str(e) or "NoSuch" in str(e):
+    text = _status_text(e)
+    if _says(text, "404", "NoSuch"):
         return _caused(NotFound(f"not found: {uri}"), e)
-    if "403" in str(e) or "AccessDenied" in str(e):
+    if _says(text, "403", "AccessDenied"):
         return _caused(Forbidden(f"access denied (403): {uri}"), e)
     return e
 

@@ -156,6 +156,22 @@ def test_read_errors_s3fs_would_have_retried_stay_transient():
     assert storage._is_transient(IncompleteRead(10, 90))
 
 
+def test_status_codes_in_urls_and_keys_are_not_statuses():
+    """A port or an object key holding "404" once made a dropped connection a NotFound
+    (CI saw it: endpoint http://127.0.0.1:40437). Codes count only outside URLs/paths."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    dropped = EndpointConnectionError(endpoint_url="http://127.0.0.1:40437/b/rr.png")
+    assert storage._is_transient(dropped)
+    assert storage._permanent_error(dropped, "s3://b/rr.png") is None
+    slow = ClientError({"Error": {"Code": "SlowDown", "Message": "b/img_404.png"}}, "GetObject")
+    assert storage._is_transient(slow)
+    gone = ClientError({"Error": {"Code": "404", "Message": "Not Found"}}, "HeadObject")
+    assert isinstance(storage._permanent_error(gone, "s3://b/x.png"), storage.NotFound)
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "GetObject")
+    assert isinstance(storage._permanent_error(denied, "s3://b/x.png"), storage.Forbidden)
+
+
 def test_proxy_is_loopback_only(s3_server):
     with pytest.raises(ValueError, match="loopback"):
         FaultProxy("http://10.1.2.3:9000")
