@@ -428,7 +428,7 @@ class PlainStore:
 def start_ray(cpus: int) -> float:
     """Start a local Ray instance of ``cpus`` logical CPUs the way imgpipe does; returns seconds."""
     from pipeline import config
-    from pipeline.runtime import ensure_ray
+    from pipeline.ops.runtime import ensure_ray
 
     t0 = time.perf_counter()
     ensure_ray(config.load(None, [f"ray.num_cpus={cpus}"]), quiet=True)

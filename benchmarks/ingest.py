@@ -1,13 +1,13 @@
 """ingest: decode + train-time augmentation feeding an iterator. Ray Data vs DataLoader.
 
 Ours: what ``imgpipe train`` builds, consumed by the driver: the packed shards
-(:func:`pipeline.shards.read_split`, sha256-verified, shard order shuffled) ->
-:class:`pipeline.augment.AugmentBatch` in an actor pool (decode + ``TrainPreset``,
+(:func:`pipeline.data.stream.read_split`, sha256-verified, shard order shuffled) ->
+:class:`pipeline.transforms.AugmentBatch` in an actor pool (decode + ``TrainPreset``,
 uint8 out) -> ``iter_batches`` -> torch tensors. ``--actors`` actors (default: one per
 core) share the cores with the 0.2-CPU read task, so each holds ``(cpus - 0.2) / actors``
 logical CPUs; ``--actors 1`` is ``imgpipe train``'s default pool.
 Baseline: ``torch.utils.data.DataLoader(num_workers=cpus)`` over the same images as
-files (ImageFolder layout), with the same decode (:func:`pipeline.augment.decode_tensor`)
+files (ImageFolder layout), with the same decode (:func:`pipeline.transforms.decode_tensor`)
 and the same ``TrainPreset``; batches of the same size, shuffled.
 
 Sizes: ``--size large`` (default): 500x375 JPEGs, ImageNet recipe (RandomResizedCrop 224
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import make_images  # noqa: E402
 
-READ_CPUS = 0.2  # pipeline.runtime.READ_TASK_CPUS
+READ_CPUS = 0.2  # pipeline.ops.runtime.READ_TASK_CPUS
 
 
 def augment_config(size_kind: str):
@@ -59,7 +59,7 @@ class FolderDataset:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from pipeline.augment import TrainPreset, decode_tensor
+        from pipeline.transforms import TrainPreset, decode_tensor
 
         if self.transform is None:
             self.transform = TrainPreset(self.acfg, self.size)
@@ -106,15 +106,16 @@ def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, e
     import ray.data
     import torch
 
-    from pipeline import augment, shards
+    from pipeline import transforms as augment
     from pipeline.config import DataConfig
+    from pipeline.data import stream
 
     if shuffle_buffer is None:
         shuffle_buffer = DataConfig().shuffle_buffer
     n = 0
     for _ in range(epochs):
         t0 = time.perf_counter()
-        ds = shards.read_split(manifest, "train", columns=["image_id", "image", "label"], shuffle_seed=0)
+        ds = stream.read_split(manifest, "train", columns=["image_id", "image", "label"], shuffle_seed=0)
         ds = ds.map_batches(augment.AugmentBatch,
                             fn_constructor_kwargs={"cfg": dataclasses.asdict(acfg), "size": size, "train": True,
                                                    "seed": 0},
@@ -148,9 +149,9 @@ def work(side: str, args, state: dict):
     if side == "baseline":
         n = baseline_ingest(state["root"], acfg, size, args.cpus, batch, args.epochs, set(state["train_ids"]), timing)
     else:
-        from pipeline import shards
+        from pipeline.data import shardset
 
-        n = ours_ingest(shards.read_manifest(state["dst"]), acfg, size, args.cpus, actors, batch, args.epochs, timing,
+        n = ours_ingest(shardset.read_manifest(state["dst"]), acfg, size, args.cpus, actors, batch, args.epochs, timing,
                         shuffle_buffer=args.shuffle_buffer)
     return n, {"seconds_to_first_batch": [round(x, 2) for x in timing["first_batch_s"]],
                "seconds_per_pass": [round(x, 2) for x in timing["pass_s"]]}
@@ -170,7 +171,8 @@ def main(argv=None) -> None:
     if args.side:
         common.child(args, work)
         return
-    from pipeline import config, shards
+    from pipeline import config
+    from pipeline.data import packing, shardset
 
     size_kind, batch, actors = _settings(args)
     acfg, size = augment_config(size_kind)
@@ -180,12 +182,12 @@ def main(argv=None) -> None:
     shard_rows = args.shard_rows or (100 if size_kind == "large" else 1000)
     dst = os.path.join(args.workdir, "shards")
     common.start_ray(args.cpus)
-    shards.pack(root, dst, config.load(None, [f"ray.num_cpus={args.cpus}", f"data.shard_rows={shard_rows}"]),
+    packing.pack(root, dst, config.load(None, [f"ray.num_cpus={args.cpus}", f"data.shard_rows={shard_rows}"]),
                 quiet=True)
     common.stop_ray()
-    manifest = shards.read_manifest(dst)
+    manifest = shardset.read_manifest(dst)
     train_ids = []
-    for t in shards.iter_split(manifest, "train", columns=["source"]):
+    for t in shardset.iter_split(manifest, "train", columns=["source"]):
         train_ids += [os.path.relpath(s, root) for s in t.column("source").to_pylist()]
     res = common.compare(args, {"root": root, "dst": dst, "train_ids": train_ids},
                          label=f"ingest {size_kind} {len(train_ids)}x{args.epochs}")

@@ -1,6 +1,6 @@
 """pack: ImageFolder of small JPEGs -> Parquet shards. imgpipe's ``pack`` vs a plain script.
 
-Ours: :func:`pipeline.shards.pack` (Ray Data tasks that read with threads, validate by
+Ours: :func:`pipeline.data.packing.pack` (Ray Data tasks that read with threads, validate by
 decoding, write one shard each; manifest last), on a local Ray instance of ``--cpus``.
 Baseline: what a user would write without Ray: list the prefix with boto3, assign
 splits by a hash, and a ``multiprocessing.Pool(cpus)`` that, per shard, downloads with
@@ -105,10 +105,11 @@ def work(side: str, args, state: dict):
     """One side, in a child process (see common.compare)."""
     if side == "baseline":
         return baseline_pack(state["src"], f"{state['dst']}-{state['run_id']}", args.cpus, args.shard_rows)
-    from pipeline import config, shards
+    from pipeline import config
+    from pipeline.data import packing
 
     cfg = config.load(None, [f"ray.num_cpus={args.cpus}", f"data.shard_rows={args.shard_rows}"])
-    summary = shards.pack(state["src"], f"{state['dst']}-{state['run_id']}", cfg, quiet=True)
+    summary = packing.pack(state["src"], f"{state['dst']}-{state['run_id']}", cfg, quiet=True)
     assert not summary["already_committed"], summary
     return summary["images"] + summary["bad_images"], {"shards": summary["shards"]}
 

@@ -1,6 +1,6 @@
 """predict: stored JPEGs -> predictions Parquet. imgpipe's ``predict`` vs plain PyTorch.
 
-Ours: :func:`pipeline.predict.run` (Ray Data: read tasks -> decode actor pool -> model
+Ours: :func:`pipeline.inference.predict.run` (Ray Data: read tasks -> decode actor pool -> model
 actor pool -> Parquet writer tasks, exactly-once commit, report) with the default
 config on a local Ray instance of ``--cpus`` CPUs (``--set k=v`` overrides ours).
 Baseline: what a user would write: a ``torch.utils.data.DataLoader`` with
@@ -38,7 +38,8 @@ def make_model(workdir: str, arch: str, size: int, preset: str) -> str:
     """A model artifact with random weights (throughput does not depend on them)."""
     import torch
 
-    from pipeline import artifact, models
+    from pipeline.models import artifact
+    from pipeline.models import zoo as models
 
     torch.manual_seed(0)
     model = models.build_model(arch, len(CLASSES))
@@ -63,8 +64,8 @@ class FilesDataset:
         return len(self.uris)
 
     def __getitem__(self, i: int):
-        from pipeline.augment import EvalPreset, decode_tensor
         from pipeline.config import AugmentConfig
+        from pipeline.transforms import EvalPreset, decode_tensor
 
         if self.transform is None:
             self.transform = EvalPreset(AugmentConfig(preset=self.preset), self.size)
@@ -84,9 +85,10 @@ def baseline_predict(uris: list[str], dst: str, model_uri: str, cpus: int, gpu: 
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline import artifact, models
-    from pipeline.augment import to_input
-    from pipeline.predict import PRED_SCHEMA
+    from pipeline.inference.predict import PRED_SCHEMA
+    from pipeline.models import artifact
+    from pipeline.models import zoo as models
+    from pipeline.transforms import to_input
 
     art = artifact.load(model_uri)
     meta = art.meta
@@ -146,7 +148,8 @@ def work(side: str, args, state: dict):
             torch.set_num_threads(args.baseline_threads)
         uris = [u for u, _ in STORE.list(state["src"])]
         return baseline_predict(uris, dst, state["model"], args.cpus, args.gpu, 256)
-    from pipeline import config, predict
+    from pipeline import config
+    from pipeline.inference import predict
 
     summary = predict.run(state["model"], state["src"], dst, config.load(None, _ours_config(args)), quiet=True)
     return summary["rows"] + summary["errors"], {"reported_images_per_second": summary["images_per_second"]}

@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import make_images  # noqa: E402
 
-THREADS = 16  # as pipeline.shards.READ_THREADS and predict's read tasks
-BATCH = 256  # URIs per storage.read_many call (pipeline.shards.READ_BATCH)
+THREADS = 16  # as pipeline.data.packing.READ_THREADS and predict's read tasks
+BATCH = 256  # URIs per storage.read_many call (pipeline.data.packing.READ_BATCH)
 
 
 class CPU:

@@ -6,7 +6,7 @@
    ``ratio`` is the speed-up. Actors share ``cpus - 0.2`` logical CPUs. No local
    shuffle window here (it would hold the first batch back), so each pass's
    ``seconds_to_first_batch`` shows the actor pool's start-up.
-2. Memory: :func:`pipeline.predict.run` (small CNN, 32x32 JPEGs) at each size of
+2. Memory: :func:`pipeline.inference.predict.run` (small CNN, 32x32 JPEGs) at each size of
    ``--n`` (default 10,000 and 100,000), a fresh Ray instance each; peak RSS of the
    driver, the Ray workers and the whole process tree. A streaming pipeline should
    stay flat: the line for the larger size gives its growth over the smallest
@@ -32,7 +32,8 @@ import predict as predict_bench  # noqa: E402
 
 
 def actors_part(args, size_kind: str, n: int) -> None:
-    from pipeline import config, shards
+    from pipeline import config
+    from pipeline.data import packing, shardset
 
     acfg, size = ingest.augment_config(size_kind)
     root = make_images.images(n, size_kind)
@@ -44,8 +45,8 @@ def actors_part(args, size_kind: str, n: int) -> None:
         k *= 2
     common.start_ray(args.cpus)
     try:
-        shards.pack(root, dst, config.load(None, [f"ray.num_cpus={args.cpus}", "data.shard_rows=100"]), quiet=True)
-        manifest = shards.read_manifest(dst)
+        packing.pack(root, dst, config.load(None, [f"ray.num_cpus={args.cpus}", "data.shard_rows=100"]), quiet=True)
+        manifest = shardset.read_manifest(dst)
         first = None
         for k in counts:
             timing: dict = {}
@@ -75,7 +76,8 @@ def _predict_config(args) -> list[str]:
 
 def work(side: str, args, state: dict):
     """The memory part's run at one size, in a child process (see common.run_side)."""
-    from pipeline import config, predict
+    from pipeline import config
+    from pipeline.inference import predict
 
     s = predict.run(state["model"], state["src"], state["dst"], config.load(None, _predict_config(args)), quiet=True)
     return s["rows"] + s["errors"]

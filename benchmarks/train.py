@@ -1,6 +1,6 @@
 """train: end-to-end training. imgpipe's Ray Train run vs a plain PyTorch script.
 
-Ours: :func:`pipeline.train.run` on packed shards: Ray Data (shard read -> augment actor
+Ours: :func:`pipeline.training.train.run` on packed shards: Ray Data (shard read -> augment actor
 pool) -> Ray Train ``TorchTrainer`` workers, per-epoch validation and checkpoint, then
 the test evaluation and the run report, on a local Ray instance of ``--cpus`` CPUs.
 ``--workers`` Ray Train workers (default 1: one training process, like the baseline;
@@ -46,7 +46,7 @@ class SplitDataset:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from pipeline.augment import decode_tensor
+        from pipeline.transforms import decode_tensor
 
         path, label = self.items[i]
         with open(path, "rb") as f:
@@ -59,8 +59,8 @@ def baseline_train(splits: dict, cfg, cpus: int, gpu: bool, stats: dict) -> int:
     from torch import nn
     from torch.utils.data import DataLoader
 
-    from pipeline import models
-    from pipeline.augment import EvalPreset, TrainPreset, to_input
+    from pipeline.models import zoo as models
+    from pipeline.transforms import EvalPreset, TrainPreset, to_input
 
     torch.manual_seed(0)
     device = torch.device("cuda" if gpu else "cpu")
@@ -125,7 +125,7 @@ def gpu_ceiling(arch: str, size: int, batch: int, steps: int = 30) -> float:
     import torch
     from torch import nn
 
-    from pipeline import models
+    from pipeline.models import zoo as models
 
     model = models.build_model(arch, 10).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -181,7 +181,7 @@ def work(side: str, args, state: dict):
         stats = {"workdir": args.workdir}
         n = baseline_train(state["splits"], config.load(None, shared), args.cpus, args.gpu, stats)
         return n, {"steady": stats["steady"], "test_accuracy": stats["test_accuracy"]}
-    from pipeline import train
+    from pipeline.training import train
 
     s = train.run(config.load(None, [*ours, f"train.run_name=bench-{time.time_ns()}"]), quiet=True)
     history = train._read_history(s["run_uri"])
@@ -201,7 +201,8 @@ def main(argv=None) -> None:
     if args.side:
         common.child(args, work)
         return
-    from pipeline import config, shards
+    from pipeline import config
+    from pipeline.data import packing, shardset
 
     size_kind = "large" if args.gpu else "small"
     dst = os.path.join(args.workdir, "shards")
@@ -210,13 +211,13 @@ def main(argv=None) -> None:
     config.load(None, ours)  # fail fast on a bad --set
     root = make_images.images(args.n, size_kind)
     common.start_ray(args.cpus)
-    shards.pack(root, dst, base_cfg, quiet=True)
+    packing.pack(root, dst, base_cfg, quiet=True)
     common.stop_ray()
-    manifest = shards.read_manifest(dst)
+    manifest = shardset.read_manifest(dst)
     splits = {}
     for split in ("train", "val", "test"):
         items = []
-        for t in shards.iter_split(manifest, split, columns=["source", "label"]):
+        for t in shardset.iter_split(manifest, split, columns=["source", "label"]):
             items += list(zip(t.column("source").to_pylist(), t.column("label").to_pylist()))
         splits[split] = items
     epochs = base_cfg.train.epochs

@@ -3,7 +3,7 @@
 The real handwritten digits of scikit-learn (8x8, 10 classes) are upsampled to ``--size``
 px RGB; a fixed stratified test set (``--test-per-class`` per class) is held out, and
 ``--per-class`` labelled images per class are drawn from the rest for training. Both
-runs use the same architecture (:class:`pipeline.pretrained.EfficientNetLite0`), the same
+runs use the same architecture (:class:`pipeline.models.pretrained.EfficientNetLite0`), the same
 schedule (AdamW, warmup + cosine, random shifts, same seed) and differ only in the
 initial weights: the packaged ImageNet weights (``efficientnet_lite0:imagenet``, head
 replaced) or random init. BatchNorm momentum is 0.1 in both (the reference's 0.01 leaves
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from pipeline import models, pretrained
+from pipeline.models import pretrained
+from pipeline.models import zoo as models
 
 RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 

@@ -132,32 +132,32 @@ def _flag_overrides(args: argparse.Namespace, **keys: str) -> list[str]:
 
 
 def _cmd_demo(args):
-    from pipeline import demo
+    from pipeline.workflows import demo
 
     return demo.run(args.workdir, cfg=_config(args), quiet=args.quiet)
 
 
 def _cmd_pack(args):
-    from pipeline import shards
+    from pipeline.data import packing
 
     extra = _flag_overrides(args, shard_rows="data.shard_rows", val="data.val_fraction", test="data.test_fraction")
-    return shards.pack(args.src, args.dst, _config(args, extra), seed=args.seed, quiet=args.quiet)
+    return packing.pack(args.src, args.dst, _config(args, extra), seed=args.seed, quiet=args.quiet)
 
 
 def _cmd_train(args):
-    from pipeline import train
+    from pipeline.training import train
 
     return train.run(_config(args), quiet=args.quiet)
 
 
 def _cmd_evaluate(args):
-    from pipeline import evaluate
+    from pipeline.inference import evaluate
 
     return evaluate.run(args.model, args.data, args.split, _config(args), quiet=args.quiet)
 
 
 def _cmd_predict(args):
-    from pipeline import predict
+    from pipeline.inference import predict
 
     extra = _flag_overrides(args, topk="predict.topk", rows_per_file="predict.rows_per_file",
                             skip_existing="predict.skip_existing")
@@ -182,7 +182,7 @@ def _cmd_models(args):
 
 
 def _cmd_retrain(args):
-    from pipeline import retrain
+    from pipeline.workflows import retrain
 
     return retrain.run(_config(args), args.date, quiet=args.quiet)
 

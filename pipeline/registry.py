@@ -2,7 +2,7 @@
 
 What this module owns:
 
-- the layout ``REGISTRY/NAME/vN/`` (an artifact folder, see :mod:`pipeline.artifact`:
+- the layout ``REGISTRY/NAME/vN/`` (an artifact folder, see :mod:`pipeline.models.artifact`:
   ``weights.pt`` + ``meta.json``) and ``REGISTRY/NAME/aliases.json``;
 - registering a trained artifact as the next version (``v1`` first), with its
   provenance in ``meta.json``: ``name``, ``version``, ``metrics``, ``config``,
@@ -16,7 +16,7 @@ What this module owns:
 "reason": str}``; it and every ``meta.json`` are replaced atomically
 (:func:`pipeline.storage.write_json`), so readers see the old or the new file, never a
 torn one. A version whose weights sha256 disagrees with its meta is never promoted, and
-:func:`pipeline.artifact.load` refuses to load it.
+:func:`pipeline.models.artifact.load` refuses to load it.
 
 Concurrency: version allocation is list-then-write, last writer wins. S3 has no
 conditional PUT here, so two processes registering the same NAME at the same moment can
@@ -37,8 +37,9 @@ import time
 import uuid
 from typing import Any
 
-from pipeline import artifact, storage
+from pipeline import storage
 from pipeline.errors import JobFailed, UserError
+from pipeline.models import artifact
 
 ALIASES = "aliases.json"
 CHAMPION = "champion"

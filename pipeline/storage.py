@@ -22,6 +22,7 @@ workers on other nodes see the same endpoint as the driver.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import posixpath
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 
@@ -390,6 +393,21 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> No
 
 def write_json(uri: str, obj: Any, opts: StorageOptions | None = None) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), opts)
+
+
+def read_table(uri: str, columns: list[str] | None = None, opts: StorageOptions | None = None) -> pa.Table:
+    """A whole Parquet file at ``uri`` (one GET), optionally only ``columns``."""
+    return pq.read_table(io.BytesIO(read_bytes(uri, opts)), columns=columns)
+
+
+def write_table(uri: str, table: pa.Table, opts: StorageOptions | None = None, **parquet_kwargs: Any) -> bytes:
+    """Write ``table`` as one Parquet file at ``uri`` atomically; returns the bytes written
+    (callers hash them). ``parquet_kwargs`` go to ``pyarrow.parquet.write_table``."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **parquet_kwargs)
+    data = buf.getvalue()
+    write_bytes(uri, data, opts)
+    return data
 
 
 def upload_file(local_path: str, uri: str, opts: StorageOptions | None = None) -> None:

@@ -75,7 +75,7 @@ PER_CLASS = 20  # digits per class in the shared test dataset (200 images)
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """An ImageFolder of real digits PNGs: <class>/<id>.png, 20 per class."""
-    from pipeline import digits
+    from pipeline.data import digits
 
     root = tmp_path_factory.mktemp("bucket") / "images"
     digits.write_digits(str(root), limit=PER_CLASS)
@@ -96,17 +96,17 @@ def small_config(**sections):
 @pytest.fixture(scope="session")
 def packed(digits_dir, ray_local, tmp_path_factory):
     """The digits packed into shards (several per split); yields the dataset URI."""
-    from pipeline import shards
+    from pipeline.data import packing
 
     dst = str(tmp_path_factory.mktemp("packed") / "shards")
-    shards.pack(digits_dir, dst, small_config(), seed=0, quiet=True)
+    packing.pack(digits_dir, dst, small_config(), seed=0, quiet=True)
     return dst
 
 
 @pytest.fixture(scope="session")
 def trained(packed, tmp_path_factory):
     """One short training run on ``packed`` (2 DDP workers on 2 CPUs), with id traces."""
-    from pipeline import train
+    from pipeline.training import train
 
     runs = tmp_path_factory.mktemp("runs")
     trace = tmp_path_factory.mktemp("trace")

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import augment, config
+from pipeline import config
+from pipeline import transforms as augment
 
 
 def _png(seed=0, size=(8, 8)):

@@ -174,7 +174,7 @@ def test_every_yaml_parses():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_example_configs_validate(path):
-    from pipeline import models
+    from pipeline.models import zoo as models
 
     cfg = config.load(str(path))
     assert cfg.model.arch in models.available()

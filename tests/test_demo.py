@@ -4,7 +4,8 @@ import os
 
 import pyarrow.parquet as pq
 
-from pipeline import demo, registry
+from pipeline import registry
+from pipeline.workflows import demo
 from tests.conftest import small_config
 
 

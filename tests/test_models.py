@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline import models
 from pipeline.errors import UserError
+from pipeline.models import zoo as models
 
 
 def test_smallcnn_and_torchvision_heads():

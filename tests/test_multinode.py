@@ -27,7 +27,10 @@ import time
 
 import pytest
 
-from pipeline import artifact, shards, storage, train
+from pipeline import storage
+from pipeline.data import packing, shardset
+from pipeline.models import artifact
+from pipeline.training import train
 from tests.conftest import small_config
 
 NODE_CPUS = 3  # logical CPUs of every node (head, second, replacement)
@@ -201,9 +204,9 @@ def test_two_nodes_lose_one_mid_run_and_recover(two_nodes, digits_dir, s3_bucket
         storage={"s3": {"endpoint_url": s3_server}},
         ray={"address": cluster.address, "num_cpus": None, "stall_timeout_s": 240})
     t_pack = time.monotonic()
-    shards.pack(digits_dir, cfg.data.manifest, cfg, seed=0, quiet=True)  # Ray Data on both nodes -> S3
+    packing.pack(digits_dir, cfg.data.manifest, cfg, seed=0, quiet=True)  # Ray Data on both nodes -> S3
     print(f"multinode: pack {time.monotonic() - t_pack:.1f}s")
-    manifest = shards.read_manifest(cfg.data.manifest)
+    manifest = shardset.read_manifest(cfg.data.manifest)
     run_uri = storage.join(cfg.train.storage, "mn")
 
     trace = tmp_path / "trace"  # a local folder is shared storage here: every node is this machine

@@ -11,8 +11,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import predict, registry, storage
+from pipeline import registry, storage
 from pipeline.errors import UserError
+from pipeline.inference import predict
 from tests.conftest import small_config
 
 COLUMNS = [("image_id", "string"), ("source", "string"), ("label", "int32"), ("label_name", "string"),
@@ -76,12 +77,12 @@ def test_bad_model_refs_fail_at_start(tmp_path, digits_dir):
 
 
 def test_class_mismatch_fails(trained, tmp_path):
-    from pipeline import digits, shards
+    from pipeline.data import digits, packing
 
     digits.write_digits(str(tmp_path / "imgs"), limit=6)
     import shutil
     shutil.rmtree(tmp_path / "imgs" / "9")  # 9 classes: does not match the 10-class model
-    shards.pack(str(tmp_path / "imgs"), str(tmp_path / "ds"), small_config(), quiet=True)
+    packing.pack(str(tmp_path / "imgs"), str(tmp_path / "ds"), small_config(), quiet=True)
     with pytest.raises(UserError, match="do not match"):
         predict.run(trained["best_checkpoint_uri"], f"{tmp_path}/ds:test", str(tmp_path / "o"), small_config(),
                     quiet=True)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pipeline import preflight
 from pipeline.errors import UserError
+from pipeline.ops import preflight
 from tests.conftest import small_config
 
 

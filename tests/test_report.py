@@ -1,4 +1,4 @@
-"""pipeline.report: training and prediction reports, on tiny fake run/prediction folders (no Ray)."""
+"""pipeline.report.report: training and prediction reports, on tiny fake run/prediction folders (no Ray)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import artifact, models, report, shards, storage
+from pipeline import storage
+from pipeline.data import shardset
 from pipeline.errors import UserError
-from pipeline.evaluate import metrics_from_confusion
-from pipeline.predict import ERROR_SCHEMA, PRED_SCHEMA
+from pipeline.inference.evaluate import metrics_from_confusion
+from pipeline.inference.predict import ERROR_SCHEMA, PRED_SCHEMA
+from pipeline.models import artifact
+from pipeline.models import zoo as models
+from pipeline.report import report
 
 CLASSES = ["a", "b", "c"]
 HISTORY = [
@@ -49,12 +53,12 @@ def _write_dataset(root: str, n: int = 12) -> list[tuple[str, int]]:
     rows = [(f"mem://img/{CLASSES[i % 3]}/{i}.png", i % 3) for i in range(n)]
     table = pa.table({"image_id": [hashlib.sha256(b).hexdigest() for b in blobs], "image": blobs,
                       "label": pa.array([lab for _, lab in rows], pa.int32()),
-                      "source": [s for s, _ in rows]}, schema=shards.SHARD_SCHEMA)
+                      "source": [s for s, _ in rows]}, schema=shardset.SHARD_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="none")
     data = buf.getvalue()
     storage.write_bytes(storage.join(root, "test", "part-00000.parquet"), data)
-    storage.write_json(storage.join(root, shards.MANIFEST), {
+    storage.write_json(storage.join(root, shardset.MANIFEST), {
         "format": 1, "classes": CLASSES, "source": "mem://img", "created": "2024-01-01T00:00:00Z",
         "splits": {"train": [], "val": [],
                    "test": [{"path": "test/part-00000.parquet", "rows": n,

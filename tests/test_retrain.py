@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import predict, registry, retrain, shards, storage
+from pipeline import registry, storage
+from pipeline.data import packing, shardset
 from pipeline.errors import UserError
+from pipeline.inference import predict
+from pipeline.workflows import retrain
 from tests.conftest import small_config
 
 
@@ -35,8 +38,8 @@ def test_two_nights(tmp_path, ray_local):
                        train={"storage": str(tmp_path / "runs")},
                        registry={"uri": str(tmp_path / "reg")},
                        predict={"input": str(base_imgs), "output": str(tmp_path / "scores")})
-    shards.pack(str(base_imgs), str(tmp_path / "base"), cfg, quiet=True)
-    base = shards.read_manifest(str(tmp_path / "base"))
+    packing.pack(str(base_imgs), str(tmp_path / "base"), cfg, quiet=True)
+    base = shardset.read_manifest(str(tmp_path / "base"))
 
     night1 = retrain.run(cfg, "2026-01-01", quiet=True)
     assert night1["promoted"] is True and night1["challenger"] == "digits@v1"  # no champion yet
@@ -56,7 +59,7 @@ def test_two_nights(tmp_path, ray_local):
         assert "champion kept" in night2["reason"]
     # the holdout stayed frozen: both nights' versions carry the base test shards
     for d in ("2026-01-01", "2026-01-02"):
-        v = shards.read_manifest(str(tmp_path / "base" / "versions" / f"dt={d}"))
+        v = shardset.read_manifest(str(tmp_path / "base" / "versions" / f"dt={d}"))
         assert v.splits["test"] == [{**s, "path": str(tmp_path / "base" / s["path"])} for s in base.splits["test"]]
 
     again = retrain.run(cfg, "2026-01-02", quiet=True)

@@ -13,17 +13,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import shards, storage
+from pipeline import storage
+from pipeline.data import listings, packing, shardset, stream
 from pipeline.errors import JobFailed, UserError
 from tests.conftest import PER_CLASS, small_config
 
 
 def _all_rows(uri):
-    m = shards.read_manifest(uri)
+    m = shardset.read_manifest(uri)
     out = {}
     for split in m.splits:
         rows = []
-        for t in shards.iter_split(m, split, columns=["image_id", "source", "label"]):
+        for t in shardset.iter_split(m, split, columns=["image_id", "source", "label"]):
             rows += t.to_pylist()
         out[split] = rows
     return m, out
@@ -54,10 +55,10 @@ def test_pack_layout_and_manifest(packed, digits_dir):
 
 
 def test_split_is_seeded_and_stable(digits_dir):
-    listing = shards.list_source(digits_dir)
-    a = shards.assign_splits(listing, 0.15, 0.15, seed=0)
-    b = shards.assign_splits(listing, 0.15, 0.15, seed=0)
-    c = shards.assign_splits(listing, 0.15, 0.15, seed=1)
+    listing = listings.list_source(digits_dir)
+    a = packing.assign_splits(listing, 0.15, 0.15, seed=0)
+    b = packing.assign_splits(listing, 0.15, 0.15, seed=0)
+    c = packing.assign_splits(listing, 0.15, 0.15, seed=1)
     assert a == b and a != c
 
 
@@ -66,16 +67,16 @@ def test_tampered_shard_is_refused(packed, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(packed, copy)
-    m = shards.read_manifest(str(copy))
+    m = shardset.read_manifest(str(copy))
     path = copy / m.splits["val"][0]["path"]
     t = pq.read_table(path)
     pq.write_table(t.slice(1), path)  # drop a row: valid Parquet, wrong bytes
-    with pytest.raises(shards.ShardIntegrityError, match="corrupt or was changed"):
-        list(shards.iter_split(m, "val"))
+    with pytest.raises(shardset.ShardIntegrityError, match="corrupt or was changed"):
+        list(shardset.iter_split(m, "val"))
 
 
 def test_repack_is_a_noop_when_committed(packed):
-    out = shards.pack("/nonexistent-src-not-read", packed, small_config(), quiet=True)
+    out = packing.pack("/nonexistent-src-not-read", packed, small_config(), quiet=True)
     assert out["already_committed"] is True
 
 
@@ -84,10 +85,10 @@ def test_listing_file_source_and_reshard(tmp_path, digits_dir, ray_local, packed
     files = list(storage.iter_files(digits_dir))[::5]  # 4 of each class
     csv = tmp_path / "list.csv"
     csv.write_text("uri,label\n" + "".join(f"{f.uri},{f.uri.split('/')[-2]}\n" for f in files))
-    out = shards.pack(str(csv), str(tmp_path / "from_csv"), small_config(), quiet=True)
+    out = packing.pack(str(csv), str(tmp_path / "from_csv"), small_config(), quiet=True)
     assert out["images"] == 40 and out["classes"] == 10
     # re-shard an existing shard set: same images, new shard size, no object re-read
-    out2 = shards.pack(packed, str(tmp_path / "reshard"), small_config(data={"shard_rows": 100}), quiet=True)
+    out2 = packing.pack(packed, str(tmp_path / "reshard"), small_config(data={"shard_rows": 100}), quiet=True)
     assert out2["images"] == 10 * PER_CLASS and out2["shards"] == 4
     _, rows = _all_rows(str(tmp_path / "reshard"))
     assert len({r["image_id"] for rs in rows.values() for r in rs}) <= 200
@@ -120,7 +121,7 @@ def test_bad_images_quarantined_or_fatal(tmp_path, ray_local):
     src = tmp_path / "imgs"
     _bad_folder(src)
     cfg = small_config(data={"max_bad_fraction": 0.2})
-    out = shards.pack(str(src), str(tmp_path / "ok"), cfg, quiet=True)
+    out = packing.pack(str(src), str(tmp_path / "ok"), cfg, quiet=True)
     assert out["bad_images"] == 3 and out["images"] == 32  # 30 good + gray + rgba converted
     assert out["bad_reasons"] == {"empty": 1, "not_an_image": 1, "truncated": 1}
     errs = pq.read_table(str(tmp_path / "ok" / "_errors")).to_pylist()
@@ -128,16 +129,16 @@ def test_bad_images_quarantined_or_fatal(tmp_path, ray_local):
     assert all(":" in e["error"] for e in errs)
     # default threshold 1%: the job fails and commits nothing
     with pytest.raises(JobFailed, match="data.max_bad_fraction"):
-        shards.pack(str(src), str(tmp_path / "strict"), small_config(), quiet=True)
+        packing.pack(str(src), str(tmp_path / "strict"), small_config(), quiet=True)
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
 
 def test_missing_and_empty_sources(tmp_path):
     with pytest.raises(UserError, match="source not found"):
-        shards.pack(str(tmp_path / "nope"), str(tmp_path / "d"), small_config(), quiet=True)
+        packing.pack(str(tmp_path / "nope"), str(tmp_path / "d"), small_config(), quiet=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images found"):
-        shards.pack(str(tmp_path / "empty"), str(tmp_path / "d"), small_config(), quiet=True)
+        packing.pack(str(tmp_path / "empty"), str(tmp_path / "d"), small_config(), quiet=True)
 
 
 def test_pack_on_s3(digits_dir, s3_bucket, s3_server, ray_local):
@@ -146,7 +147,7 @@ def test_pack_on_s3(digits_dir, s3_bucket, s3_server, ray_local):
     for f in list(storage.iter_files(digits_dir))[::4]:
         rel = f.uri[len(digits_dir) + 1:]
         fs.pipe_file(f"{path}/images/{rel}", open(f.uri, "rb").read())
-    out = shards.pack(s3_bucket + "/images", s3_bucket + "/shards", cfg, quiet=True)
+    out = packing.pack(s3_bucket + "/images", s3_bucket + "/shards", cfg, quiet=True)
     assert out["images"] == 50
     m, rows = _all_rows(s3_bucket + "/shards")
     assert sum(len(r) for r in rows.values()) == 50
@@ -181,30 +182,29 @@ def test_training_stream_order_and_skip(packed, ray_local):
     import numpy as np
     import ray.data
 
-    from pipeline import augment
 
     ctx = ray.data.DataContext.get_current()
     preserve = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # parallel reads otherwise finish in any order
-    m = shards.read_manifest(packed)
+    m = shardset.read_manifest(packed)
     n = m.rows("train")
 
-    def stream(seed):
-        ds = shards.read_split(m, "train", columns=["image_id"], shuffle_seed=seed, clock_name="test-clock")
+    def order(seed):
+        ds = stream.read_split(m, "train", columns=["image_id"], shuffle_seed=seed, clock_name="test-clock")
         return [r for b in ds.iter_batches(batch_size=None, batch_format="numpy") for r in b["row"]]
 
-    clock = augment.epoch_clock("test-clock")
+    clock = stream.epoch_clock("test-clock")
     try:
-        first = stream(7)
+        first = order(7)
         assert sorted(first) == list(range(n))
-        assert first == stream(7) and first != stream(8)  # (seed, epoch) -> order
+        assert first == order(7) and first != order(8)  # (seed, epoch) -> order
         done = np.zeros(n, dtype=bool)
         done[first[: n // 3]] = True
         ray_local.get(clock.set.remote(0, np.packbits(done)))
-        rest = stream(7)
+        rest = order(7)
         assert sorted(rest) == sorted(first[n // 3:])  # exactly the rows not yet consumed
         ray_local.get(clock.set.remote(1))
-        assert stream(7) != first  # a new epoch, a new order
+        assert order(7) != first  # a new epoch, a new order
     finally:
         ray_local.kill(clock)
         ctx.execution_options.preserve_order = preserve

@@ -256,9 +256,10 @@ def test_write_shard_batched_reads_keep_order_and_quarantine(proxy, direct, s3_b
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline import images, shards
+    from pipeline import images
+    from pipeline.data import packing
 
-    n = shards.READ_BATCH + 40
+    n = packing.READ_BATCH + 40
     names = [f"w/c{i % 3}/{i:04d}.png" for i in range(n)]
     for i, name in enumerate(names):
         buf = io.BytesIO()
@@ -269,7 +270,7 @@ def test_write_shard_batched_reads_keep_order_and_quarantine(proxy, direct, s3_b
     throttled = proxy.add_fault(method="GET", path_contains=names[n - 3], status=503, code="SlowDown", times=2)
     task = {"dst": f"{s3_bucket}/out", "split": "train", "index": 0, "sources": sources,
             "labels": [i % 3 for i in range(n)], "origins": [""] * n, "origin_sha256": [""] * n}
-    r = shards.write_shard(task, storage.default_options(), images.MAX_PIXELS)
+    r = packing.write_shard(task, storage.default_options(), images.MAX_PIXELS)
     assert (r["rows"], r["bad"], r["reasons"]) == (n - 1, 1, {"missing": 1})
     assert throttled.hits == 2
     shard = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/out/train/part-00000.parquet")))
@@ -281,5 +282,5 @@ def test_write_shard_batched_reads_keep_order_and_quarantine(proxy, direct, s3_b
 
     proxy.add_fault(method="GET", path_contains=names[280], status=403, code="AccessDenied", times=None)
     with pytest.raises(storage.Forbidden, match=re.escape(sources[280])):
-        shards.write_shard({**task, "index": 1}, storage.default_options(), images.MAX_PIXELS)
+        packing.write_shard({**task, "index": 1}, storage.default_options(), images.MAX_PIXELS)
     assert not direct.exists(f"{_bucket(s3_bucket)}/out/train/part-00001.parquet")

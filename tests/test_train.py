@@ -7,16 +7,19 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import artifact, shards, storage, train
+from pipeline import storage
 from pipeline.config import load
+from pipeline.data import shardset
 from pipeline.errors import UserError
-from pipeline.runtime import train_resources
+from pipeline.models import artifact
+from pipeline.ops.runtime import train_resources
+from pipeline.training import train
 from tests.conftest import small_config
 
 
 def _train_ids(packed) -> collections.Counter:
     ids = collections.Counter()
-    for t in shards.iter_split(shards.read_manifest(packed), "train", columns=["image_id"]):
+    for t in shardset.iter_split(shardset.read_manifest(packed), "train", columns=["image_id"]):
         ids.update(t.column("image_id").to_pylist())
     return ids
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from pipeline import watchdog
 from pipeline.errors import JobFailed
-from pipeline.watchdog import Watchdog
+from pipeline.ops import watchdog
+from pipeline.ops.watchdog import Watchdog
 
 
 def test_beats_keep_it_quiet(tmp_path):

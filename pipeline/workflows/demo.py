@@ -17,9 +17,12 @@ import sys
 import time
 from typing import Any
 
-from pipeline import digits, evaluate, predict, registry, shards, storage, train
+from pipeline import registry, storage
 from pipeline.config import Config
+from pipeline.data import digits, packing, shardset
 from pipeline.errors import JobFailed
+from pipeline.inference import evaluate, predict
+from pipeline.training import train
 
 log = logging.getLogger("imgpipe")
 
@@ -50,8 +53,8 @@ def run(workdir: str, cfg: Config, quiet: bool = False, limit_per_class: int | N
 
     _say(f"[2/6] packing into Parquet shards under {shards_uri}", quiet)
     cfg.data.shard_rows = cfg.data.shard_rows or SHARD_ROWS
-    packed = shards.pack(images_uri, shards_uri, cfg, seed=cfg.train.seed, quiet=quiet)
-    manifest = shards.read_manifest(shards_uri)
+    packed = packing.pack(images_uri, shards_uri, cfg, seed=cfg.train.seed, quiet=quiet)
+    manifest = shardset.read_manifest(shards_uri)
 
     _say(f"[3/6] training {cfg.model.arch} with Ray Train: {cfg.train.num_workers} DDP workers, "
          f"{cfg.train.epochs} epochs", quiet)
@@ -115,13 +118,13 @@ def _gate(cfg: Config, version: int, score: float, data_uri: str, quiet: bool) -
     return decision
 
 
-def _write_test_listing(manifest: shards.Manifest, uri: str) -> int:
+def _write_test_listing(manifest: shardset.Manifest, uri: str) -> int:
     """CSV ``uri,label`` of the test split's original files (predict reads the PNGs)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["uri", "label"])
     n = 0
-    for t in shards.iter_split(manifest, "test", columns=["source", "label"]):
+    for t in shardset.iter_split(manifest, "test", columns=["source", "label"]):
         for src, lab in zip(t.column("source").to_pylist(), t.column("label").to_pylist()):
             w.writerow([src, manifest.classes[lab]])
             n += 1

@@ -95,8 +95,13 @@ def _store_note(key: str, batch: int, size: int, consumers: int) -> tuple[int, s
 
 
 def train_request(cfg: Config, cluster_cpus: float) -> Request:
-    """What ``train.run`` asks for, sized by :func:`pipeline.runtime.train_resources`."""
-    from pipeline.runtime import AUGMENT_ACTOR_CPUS, EVAL_TASK_CPUS, READ_TASK_CPUS, train_resources
+    """What ``train.run`` asks for, sized by :func:`pipeline.ops.runtime.train_resources`."""
+    from pipeline.ops.runtime import (
+        AUGMENT_ACTOR_CPUS,
+        EVAL_TASK_CPUS,
+        READ_TASK_CPUS,
+        train_resources,
+    )
 
     t, a = cfg.train, cfg.augment
     res = train_resources(cfg, cluster_cpus)
@@ -119,10 +124,10 @@ def train_request(cfg: Config, cluster_cpus: float) -> Request:
 
 
 def predict_request(cfg: Config, cluster_cpus: float, image_size: int | None = None) -> Request:
-    """What ``predict.run`` asks for, sized by :func:`pipeline.runtime.predict_resources`.
+    """What ``predict.run`` asks for, sized by :func:`pipeline.ops.runtime.predict_resources`.
 
     ``image_size``: the model's input size (its meta); default ``data.image_size``."""
-    from pipeline.runtime import READ_TASK_CPUS, predict_resources
+    from pipeline.ops.runtime import READ_TASK_CPUS, predict_resources
 
     p = cfg.predict
     res = predict_resources(cfg, cluster_cpus)
@@ -140,8 +145,8 @@ def predict_request(cfg: Config, cluster_cpus: float, image_size: int | None = N
 
 
 def pack_request(cfg: Config) -> Request:
-    """What ``shards.pack`` asks for: shard-writing tasks (they return only summaries)."""
-    from pipeline.runtime import READ_TASK_CPUS
+    """What ``packing.pack`` asks for: shard-writing tasks (they return only summaries)."""
+    from pipeline.ops.runtime import READ_TASK_CPUS
 
     cpus = max(READ_TASK_CPUS, 0.5)
     return Request([Part(1, "pack task", cpus, cpu_key=f"1 pack task x {cpus:g} CPU")])

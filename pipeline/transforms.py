@@ -28,6 +28,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from pipeline import images
 from pipeline.config import AugmentConfig
+from pipeline.data import stream
 
 IMAGENET_EVAL_CROP = 0.875  # resize to size/0.875 then center crop, as torchvision's references
 
@@ -91,41 +92,6 @@ def decode_tensor(data: bytes) -> torch.Tensor:
     return torch.from_numpy(images.decode_rgb(data)).permute(2, 0, 1).contiguous()
 
 
-class EpochClock:
-    """A named actor holding the current epoch of a training run (see module docstring),
-    and, after a mid-epoch resume, which training rows that epoch already consumed
-    (a bit per row, ``np.packbits``): shard readers drop them."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.consumed: np.ndarray | None = None
-
-    def set(self, epoch: int, consumed: np.ndarray | None = None) -> None:
-        self.epoch, self.consumed = epoch, consumed
-
-    def get(self) -> int:
-        return self.epoch
-
-    def state(self) -> tuple[int, np.ndarray | None]:
-        return self.epoch, self.consumed
-
-
-def epoch_clock(name: str, on_this_node: bool = False):
-    """Get or create the run's :class:`EpochClock` actor (0 CPU: bookkeeping only).
-
-    The driver creates it with ``on_this_node``: pinned to the driver's node, like Ray
-    Train's own controller, so losing a worker node cannot take the clock with it."""
-    import ray
-
-    opts: dict[str, Any] = {"name": name, "namespace": "imgpipe", "get_if_exists": True}
-    if on_this_node:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(EpochClock).options(**opts).remote()
-
-
 class AugmentBatch:
     """Ray Data ``map_batches`` class: decode + train (or eval) transform a batch.
 
@@ -141,7 +107,7 @@ class AugmentBatch:
         self.train, self.seed, self.size = train, seed, size
         self.clock = None
         if train and clock_name:
-            self.clock = epoch_clock(clock_name)
+            self.clock = stream.epoch_clock(clock_name)
         torch.set_num_threads(1)  # one actor = one core; parallelism comes from the pool
 
     def _epoch(self) -> int:

@@ -1,13 +1,4 @@
-"""Datasets as Parquet shards + ``manifest.json``: packing them, reading them back.
-
-Layout (DESIGN.md contract)::
-
-    DST/<split>/part-NNNNN.parquet   image_id (sha256 of bytes), image (encoded bytes),
-                                     label int32, source (original URI)
-    DST/_errors/<split>-part-NNNNN.parquet   source, image_id, error  (quarantined images)
-    DST/manifest.json                written last: its presence commits the dataset
-
-Packing is a Ray Data job: the driver lists the source (streaming, paginated) and
+"""``imgpipe pack``: a Ray Data job: the driver lists the source (streaming, paginated) and
 assigns each image to a split and a shard; tasks read the images in parallel,
 validate them by decoding, and write one shard each. Shard contents depend only on
 the listing and the seed, and a shard file already present is reused, so rerunning
@@ -20,251 +11,34 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import images, storage
 from pipeline.config import Config
+from pipeline.data.listings import list_source
+from pipeline.data.shardset import (
+    ERROR_SCHEMA,
+    MANIFEST,
+    SHARD_SCHEMA,
+    SPLITS,
+    Manifest,
+    read_manifest,
+    read_shard,
+)
 from pipeline.errors import JobFailed, UserError
 
 log = logging.getLogger("imgpipe")
 
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SHARD_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()),
-                          ("label", pa.int32()), ("source", pa.string())])
-ERROR_SCHEMA = pa.schema([("source", pa.string()), ("image_id", pa.string()), ("error", pa.string())])
 READ_THREADS = 16  # threads validating images in one pack task (Pillow and hashlib release the GIL)
 READ_BATCH = 256  # images one pack task fetches by one storage.read_many call (concurrent GETs)
 # Cap on rows per shard when sizing by bytes: 128 MB of 1 KB thumbnails is ~120k rows,
 # one task holding them all; 10k rows keeps task memory and parallelism bounded.
 MAX_SHARD_ROWS_BY_BYTES = 10_000
 
-
-class ShardIntegrityError(UserError):
-    """A shard whose bytes disagree with the manifest's sha256."""
-
-
-# ----------------------------------------------------------------------- manifest
-
-
-@dataclass
-class Manifest:
-    root: str  # URI of the dataset folder
-    classes: list[str]
-    splits: dict[str, list[dict[str, Any]]]  # split -> [{"path", "rows", "sha256"}]
-    raw: dict[str, Any] = field(default_factory=dict)
-    sha256: str = ""  # of manifest.json's bytes: identifies this dataset version
-
-    def rows(self, split: str) -> int:
-        return sum(s["rows"] for s in self.splits.get(split, []))
-
-    def shard_uris(self, split: str) -> list[str]:
-        self._check_split(split)
-        return [shard_uri(self.root, s["path"]) for s in self.splits[split]]
-
-    def _check_split(self, split: str) -> None:
-        if split not in self.splits:
-            raise UserError(f"split '{split}' not in {self.root}; valid: {', '.join(self.splits)}")
-
-
-def shard_uri(root: str, path: str) -> str:
-    """A manifest entry's shard URI: relative paths live under the dataset root; a
-    versioned dataset (nightly retraining) may reference other versions' shards by
-    absolute URI."""
-    return path if (path.startswith("/") or "://" in path) else storage.join(root, path)
-
-
-def manifest_root(uri: str) -> str:
-    uri = storage.normalize(uri)
-    return uri[: -len(MANIFEST) - 1] if uri.endswith("/" + MANIFEST) else uri
-
-
-def read_manifest(uri: str) -> Manifest:
-    """Read ``uri`` (a dataset folder or its manifest.json). UserError if absent."""
-    root = manifest_root(uri)
-    try:
-        data = storage.read_bytes(storage.join(root, MANIFEST))
-    except storage.NotFound:
-        raise UserError(f"no dataset at {uri} (missing {MANIFEST}; run `imgpipe pack` first)") from None
-    import json
-
-    raw = json.loads(data)
-    if raw.get("format") != 1:
-        raise UserError(f"{root}/{MANIFEST}: unsupported format {raw.get('format')!r}; valid: 1")
-    return Manifest(root=root, classes=list(raw["classes"]), splits=raw["splits"], raw=raw,
-                    sha256=hashlib.sha256(data).hexdigest())
-
-
-def read_shard(uri: str, sha256: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """Read one shard, refusing it if its sha256 disagrees with ``sha256``."""
-    data = storage.read_bytes(uri)
-    if sha256 is not None:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sha256:
-            raise ShardIntegrityError(
-                f"shard {uri} is corrupt or was changed: sha256 {digest[:12]}... != manifest {sha256[:12]}...")
-    return pq.read_table(io.BytesIO(data), columns=columns)
-
-
-def iter_split(manifest: Manifest, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Verified shard tables of one split, in manifest order (driver-side; small data, tests)."""
-    manifest._check_split(split)
-    for s in manifest.splits[split]:
-        yield read_shard(shard_uri(manifest.root, s["path"]), s["sha256"], columns)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Shard visiting order for one epoch: a permutation depending only on (seed, epoch)."""
-    import random
-
-    order = list(range(n))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def _read_shard_batch(batch: pa.Table, uris: list[str], shas: list[str], offsets: list[int],
-                      columns: list[str] | None, seed: int | None, clock_name: str | None,
-                      opts: storage.StorageOptions) -> pa.Table:
-    """Ray Data UDF: slot ``i`` -> the verified rows of one shard.
-
-    When shuffling (``seed`` set) the slot maps to a shard by :func:`epoch_order`, the
-    shard's rows are permuted by ``(seed, epoch, shard)``, each row carries ``row`` (its
-    index in the split, for exact resume), and rows the epoch clock marks as consumed
-    are dropped before anything is decoded."""
-    import numpy as np
-
-    storage.configure(opts)
-    slot = batch.column("slot")[0].as_py()
-    index, epoch, consumed = slot, 0, None
-    if seed is not None:
-        if clock_name:
-            import ray
-
-            clock = ray.get_actor(clock_name, namespace="imgpipe")
-            epoch, consumed = ray.get(clock.state.remote())
-        index = epoch_order(len(uris), seed, epoch)[slot]
-    table = read_shard(uris[index], shas[index], columns)
-    if seed is None:
-        return table
-    rows = np.arange(offsets[index], offsets[index] + table.num_rows, dtype=np.int64)
-    perm = np.random.default_rng([seed, epoch, index]).permutation(table.num_rows)
-    table, rows = table.take(perm), rows[perm]
-    table = table.append_column("row", pa.array(rows))
-    if consumed is not None:
-        done = np.unpackbits(consumed, count=offsets[-1]).astype(bool)[rows]
-        table = table.filter(pa.array(~done))
-    return table
-
-
-def read_split(manifest: Manifest, split: str, columns: list[str] | None = None,
-               shuffle_seed: int | None = None, clock_name: str | None = None):
-    """A Ray Dataset over one split's shards; each shard's sha256 is checked as it is read.
-
-    With ``shuffle_seed`` (training): shards are visited in :func:`epoch_order` of
-    ``(seed, epoch)`` and each shard's rows are permuted by ``(seed, epoch, shard)``,
-    the epoch read from the run's epoch clock actor (see :mod:`pipeline.augment`); rows
-    get a ``row`` column, and rows the clock marks consumed are skipped. Reads are
-    small-CPU tasks: on a 2-CPU machine a 1-CPU file-listing task next to training
-    workers deadlocks Ray Data (seen with ``read_parquet`` on Ray 2.60).
-    """
-    import ray.data
-
-    from pipeline.runtime import READ_TASK_CPUS
-
-    uris = manifest.shard_uris(split)
-    if not uris:
-        raise UserError(f"split '{split}' of {manifest.root} is empty")
-    shas = [s["sha256"] for s in manifest.splits[split]]
-    offsets = [0]
-    for s in manifest.splits[split]:
-        offsets.append(offsets[-1] + s["rows"])
-    slots = pa.table({"slot": list(range(len(uris)))})
-    return ray.data.from_arrow([slots.slice(i, 1) for i in range(len(uris))]).map_batches(
-        _read_shard_batch, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
-        fn_kwargs={"uris": uris, "shas": shas, "offsets": offsets, "columns": columns, "seed": shuffle_seed,
-                   "clock_name": clock_name, "opts": storage.default_options()})
-
-
-# ------------------------------------------------------------------------ listing
-
-
-def _label_names_from_ints(labels: list) -> list[str]:
-    return [str(int(v)) for v in labels]
-
-
-def list_source(src: str) -> pa.Table:
-    """List ``src`` into a table (source, label_name, size, origin, origin_sha256).
-
-    ``src`` is an ImageFolder prefix (``<class>/<file>``), a CSV/Parquet listing with
-    columns ``uri,label`` (labels as names or ints), or a packed shard set (origin then
-    points into its shards, so re-splitting never goes back to the original objects).
-    """
-    norm = storage.normalize(src)
-    low = norm.lower()
-    if low.endswith((".csv", ".parquet")):
-        return _list_listing(norm)
-    if storage.exists(storage.join(norm, MANIFEST)):
-        return _list_shard_set(norm)
-    if not storage.exists(norm):
-        raise UserError(f"source not found: {src}")
-    sources, labels, sizes = [], [], []
-    prefix_len = len(norm.rstrip("/")) + 1
-    for info in storage.iter_files(norm, IMAGE_SUFFIXES):
-        rel = info.uri[prefix_len:]
-        if "/" not in rel:
-            continue  # a file at the top level has no class folder
-        sources.append(info.uri)
-        labels.append(rel.split("/", 1)[0])
-        sizes.append(info.size)
-    if not sources:
-        raise UserError(f"no images found under {src} (expected <class>/<image> with suffix "
-                        f"{', '.join(IMAGE_SUFFIXES)})")
-    n = len(sources)
-    return pa.table({"source": sources, "label_name": labels, "size": pa.array(sizes, pa.int64()),
-                     "origin": [""] * n, "origin_sha256": [""] * n})
-
-
-def _list_listing(uri: str) -> pa.Table:
-    try:
-        data = storage.read_bytes(uri)
-    except storage.NotFound:
-        raise UserError(f"listing file not found: {uri}") from None
-    table = pq.read_table(io.BytesIO(data)) if uri.lower().endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
-    missing = {"uri", "label"} - set(table.column_names)
-    if missing:
-        raise UserError(f"listing {uri} needs columns uri,label; missing {', '.join(sorted(missing))} "
-                        f"(has {', '.join(table.column_names)})")
-    if table.num_rows == 0:
-        raise UserError(f"listing {uri} is empty")
-    labels = table.column("label").to_pylist()
-    names = _label_names_from_ints(labels) if pa.types.is_integer(table.column("label").type) else [str(v) for v in labels]
-    n = table.num_rows
-    return pa.table({"source": [str(u) for u in table.column("uri").to_pylist()], "label_name": names,
-                     "size": pa.array([-1] * n, pa.int64()), "origin": [""] * n, "origin_sha256": [""] * n})
-
-
-def _list_shard_set(root: str) -> pa.Table:
-    m = read_manifest(root)
-    cols: dict[str, list] = {"source": [], "label_name": [], "size": [], "origin": [], "origin_sha256": []}
-    for shards_ in m.splits.values():
-        for s in shards_:
-            uri = shard_uri(m.root, s["path"])
-            t = read_shard(uri, s["sha256"], columns=["source", "label"])
-            for i, (src, lab) in enumerate(zip(t.column("source").to_pylist(), t.column("label").to_pylist())):
-                cols["source"].append(src)
-                cols["label_name"].append(m.classes[lab])
-                cols["size"].append(-1)
-                cols["origin"].append(f"{uri}#{i}")
-                cols["origin_sha256"].append(s["sha256"])
-    return pa.table(cols)
 
 
 # -------------------------------------------------------------------------- split
@@ -428,7 +202,7 @@ def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False,
     dataset's classes); by default it is the sorted class names found in ``src``."""
     import ray.data
 
-    from pipeline.runtime import READ_TASK_CPUS, ensure_ray
+    from pipeline.ops.runtime import READ_TASK_CPUS, ensure_ray
 
     t0 = time.time()
     dst = storage.normalize(dst)
@@ -462,8 +236,8 @@ def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False,
     log.info("pack: %d images, %d classes -> %d shards (%d rows each) under %s",
              total, len(classes), len(tasks), per_shard, dst)
     ensure_ray(cfg, quiet=quiet)
-    from pipeline import preflight
-    from pipeline.watchdog import Watchdog
+    from pipeline.ops import preflight
+    from pipeline.ops.watchdog import Watchdog
 
     preflight.check(preflight.pack_request(cfg), "pack", cfg)
     opts = storage.default_options()

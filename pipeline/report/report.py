@@ -42,7 +42,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
-METRICS = "metrics.jsonl"  # same name as pipeline.train.METRICS (not imported: keeps this module light)
+METRICS = "metrics.jsonl"  # same name as pipeline.training.train.METRICS (not imported: keeps this module light)
 REPORT_DIR = "report"
 PREDICT_REPORT_DIR = "_report"
 SUCCESS = "_SUCCESS"
@@ -261,7 +261,7 @@ def write_train_report(run_uri: str, evaluation: dict | None = None, model_uri: 
                        worst: int = 16) -> str:
     """Write ``RUN_URI/report.html`` (+ ``RUN_URI/report/*.png`` and ``report.json``).
 
-    ``evaluation`` is the result of :func:`pipeline.evaluate.run` (confusion matrix and
+    ``evaluation`` is the result of :func:`pipeline.inference.evaluate.run` (confusion matrix and
     per-class accuracy plots). With ``model_uri`` and ``data_uri`` the model also scores
     up to ``max_images`` images of ``split`` here, on CPU, and the ``worst`` most
     confident wrong predictions are shown. Returns the URI of ``report.html``.
@@ -399,10 +399,14 @@ def find_misclassified(model_uri: str, data_uri: str, split: str = "test", max_i
     """
     import torch
 
-    from pipeline import artifact, augment, config, models, shards
+    from pipeline import config
+    from pipeline import transforms as augment
+    from pipeline.data import shardset
+    from pipeline.models import artifact
+    from pipeline.models import zoo as models
 
     art = artifact.load(model_uri)
-    manifest = shards.read_manifest(data_uri)
+    manifest = shardset.read_manifest(data_uri)
     if list(manifest.classes) != art.classes:
         raise UserError(f"model classes {art.classes} do not match dataset classes {manifest.classes}")
     size = int(art.meta["image_size"])
@@ -446,7 +450,7 @@ def find_misclassified(model_uri: str, data_uri: str, split: str = "test", max_i
     torch.set_num_threads(1)
     try:
         seen = 0
-        for table in shards.iter_split(manifest, split, columns=["image", "label", "source"]):
+        for table in shardset.iter_split(manifest, split, columns=["image", "label", "source"]):
             for data, label, source in zip(table.column("image").to_pylist(), table.column("label").to_pylist(),
                                            table.column("source").to_pylist()):
                 if seen >= max_images:
@@ -613,7 +617,7 @@ def write_predict_report(dst: str) -> str:
 
 def _model_classes(success: dict[str, Any]) -> list[str]:
     """The model's class list from its artifact (``_SUCCESS`` names it), or [] if unreadable."""
-    from pipeline import artifact
+    from pipeline.models import artifact
 
     uri = success.get("model_uri")
     if not uri:

@@ -34,10 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import artifact, images, preflight, shards, storage
+from pipeline import images, storage
 from pipeline.config import AugmentConfig, Config
+from pipeline.data import listings, shardset, stream
 from pipeline.errors import JobFailed, UserError
-from pipeline.watchdog import Watchdog
+from pipeline.models import artifact
+from pipeline.ops import preflight
+from pipeline.ops.watchdog import Watchdog
 
 log = logging.getLogger("imgpipe")
 
@@ -48,8 +51,8 @@ PRED_SCHEMA = pa.schema([
     ("label_name", pa.string()), ("score", pa.float32()), ("topk_labels", pa.list_(pa.int32())),
     ("topk_scores", pa.list_(pa.float32())), ("model", pa.string()), ("run_id", pa.string()),
 ])
-ERROR_SCHEMA = shards.ERROR_SCHEMA
-LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+ERROR_SCHEMA = shardset.ERROR_SCHEMA
+LISTING_SCHEMA = listings.LISTING_SCHEMA
 READ_BATCH = 64  # images per read task call; threads inside overlap S3 latency
 
 
@@ -77,14 +80,14 @@ class DecodeBatch:
     def __init__(self, augment_cfg: dict[str, Any], size: int, preset: str) -> None:
         import torch
 
-        from pipeline.augment import EvalPreset
+        from pipeline.transforms import EvalPreset
 
         acfg = AugmentConfig(**{**augment_cfg, "preset": preset})
         self.preset, self.size = EvalPreset(acfg, size), size
         torch.set_num_threads(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.augment import decode_tensor
+        from pipeline.transforms import decode_tensor
 
         n = len(batch["source"])
         out = np.zeros((n, 3, self.size, self.size), dtype=np.uint8)
@@ -108,8 +111,8 @@ class ModelBatch:
                  decode: dict[str, Any] | None = None) -> None:
         import torch
 
-        from pipeline import models
-        from pipeline.augment import EvalPreset
+        from pipeline.models import zoo as models
+        from pipeline.transforms import EvalPreset
 
         storage.configure(opts)
         # decode: {"augment_cfg", "size", "preset"} -> this actor decodes the bytes itself
@@ -143,7 +146,7 @@ class ModelBatch:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        from pipeline.augment import decode_tensor
+        from pipeline.transforms import decode_tensor
 
         n = len(batch["source"])
         errors = list(batch["error"])
@@ -172,7 +175,7 @@ class ModelBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        from pipeline.augment import to_input
+        from pipeline.transforms import to_input
 
         if self.decode is not None:
             batch = self._decode_batch(batch)
@@ -278,44 +281,6 @@ def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 # ----------------------------------------------------------------------- listing
 
 
-def list_input(src: str) -> tuple[pa.Table, shards.Manifest | None, str | None]:
-    """Input -> (listing uri,size,version,truth), manifest and split for ``MANIFEST:split``."""
-    base, _, split = src.rpartition(":")
-    if base and split and "/" not in split and base not in ("s3", "file"):
-        m = shards.read_manifest(base)
-        m._check_split(split)
-        return pa.table({"uri": pa.array([], pa.string())}), m, split
-    low = src.lower()
-    if low.endswith((".csv", ".parquet")) and not storage.isdir(src):
-        import pyarrow.csv as pacsv
-
-        try:
-            data = storage.read_bytes(src)
-        except storage.NotFound:
-            raise UserError(f"input listing not found: {src}") from None
-        t = pq.read_table(io.BytesIO(data)) if low.endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
-        if "uri" not in t.column_names:
-            raise UserError(f"input listing {src} needs a 'uri' column (has {', '.join(t.column_names)})")
-        n = t.num_rows
-        size = t.column("size") if "size" in t.column_names else pa.array([-1] * n, pa.int64())
-        version = t.column("version") if "version" in t.column_names else pa.array([""] * n, pa.string())
-        listing = pa.table({"uri": t.column("uri").cast(pa.string()), "size": size.cast(pa.int64()),
-                            "version": version.cast(pa.string())})
-    else:
-        if not storage.exists(src):
-            raise UserError(f"input not found: {src}")
-        uris, sizes, versions = [], [], []
-        for f in storage.iter_files(src, shards.IMAGE_SUFFIXES):
-            uris.append(f.uri)
-            sizes.append(f.size)
-            versions.append(f.version)
-        listing = pa.table({"uri": uris, "size": pa.array(sizes, pa.int64()), "version": versions},
-                           schema=LISTING_SCHEMA)
-    if listing.num_rows == 0:
-        raise UserError(f"no images found in {src} (suffixes: {', '.join(shards.IMAGE_SUFFIXES)})")
-    return listing, None, None
-
-
 # -------------------------------------------------------------------------- run
 
 
@@ -345,7 +310,7 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
     import ray
     import ray.data
 
-    from pipeline.runtime import READ_TASK_CPUS, ensure_ray, predict_resources
+    from pipeline.ops.runtime import READ_TASK_CPUS, ensure_ray, predict_resources
 
     t0 = time.time()
     art = resolve(model_ref, cfg)  # fail at start (exit 2) if the model is unusable
@@ -361,7 +326,7 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
         listing = _read_table(storage.join(state_uri, "listing.parquet"))
         log.info("predict: resuming run %s (reusing its listing of %d images)", attempt["run_id"], listing.num_rows)
     else:
-        listing, manifest, split = list_input(src)
+        listing, manifest, split = listings.read_input(src)
     if manifest is not None and list(manifest.classes) != art.classes:
         raise UserError(f"model {name} classes {art.classes} do not match dataset classes {manifest.classes}")
     run_id = attempt["run_id"] if resuming else uuid.uuid4().hex[:12]
@@ -398,7 +363,7 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
     opts = storage.default_options()
     preset = art.meta.get("eval_preset", cfg.augment.preset)
     if manifest is not None:
-        ds = shards.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
+        ds = stream.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
         total = manifest.rows(split)
         ds = ds.map_batches(_shard_rows, num_cpus=READ_TASK_CPUS, batch_size=READ_BATCH)
         if skip:
@@ -511,7 +476,7 @@ def _commit(dst, name, art, run_id, src, listing, results, files, committed_file
            "seconds": round(seconds, 3), "images_per_second": round(scored / max(seconds, 1e-9), 1)}
     if labelled:
         out["accuracy"] = round(sum(r["correct"] for r in results) / labelled, 6)
-    from pipeline import report
+    from pipeline.report import report
 
     out["report"] = report.write_predict_report(dst)
     log.info("predict: %d rows, %d errors in %d files -> %s (%.1fs)", rows, errors, len(all_files), dst, seconds)

@@ -53,7 +53,7 @@ def build_model(arch: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
     if arch == "smallcnn":
         return SmallCNN(num_classes, dropout=dropout)
     if arch == "efficientnet_lite0":  # weights: model.pretrained=efficientnet_lite0:imagenet
-        from pipeline.pretrained import EfficientNetLite0
+        from pipeline.models.pretrained import EfficientNetLite0
 
         return EfficientNetLite0(num_classes, **({"dropout": dropout} if dropout else {}))
     names = available()

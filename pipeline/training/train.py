@@ -12,12 +12,12 @@ reported as ``dropped_train_images``) -> a bounded local shuffle window.
 
 Each epoch, and every ``train.checkpoint_every_steps`` steps, rank 0 writes a
 checkpoint folder that is also a model artifact (``weights.pt`` + ``meta.json``, see
-:mod:`pipeline.artifact`) plus ``train_state.pt`` (model, optimizer, step -> schedule,
+:mod:`pipeline.models.artifact`) plus ``train_state.pt`` (model, optimizer, step -> schedule,
 best accuracy; mid-epoch also the epoch's consumed rows as a bitmap, gathered from all
 ranks, and its running loss/accuracy sums). Ray Train keeps the best by val accuracy
 and the latest; restarting workers after a failure, or rerunning with the same
 ``train.run_name``, resumes from the latest: mid-epoch, the shard readers skip the
-rows already trained on (see :mod:`pipeline.shards`), so no sample is repeated or
+rows already trained on (see :mod:`pipeline.data.shardset`), so no sample is repeated or
 lost.
 """
 
@@ -38,10 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import artifact, augment, config, models, preflight, pretrained, shards, storage
+from pipeline import config, storage
+from pipeline import transforms as augment
 from pipeline.config import Config
+from pipeline.data import shardset, stream
 from pipeline.errors import JobFailed, UserError
-from pipeline.watchdog import Watchdog
+from pipeline.models import artifact, pretrained
+from pipeline.models import zoo as models
+from pipeline.ops import preflight
+from pipeline.ops.watchdog import Watchdog
 
 log = logging.getLogger("imgpipe")
 
@@ -239,7 +244,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         worker_aug = augment.WorkerAugment(config.AugmentConfig(**loop_cfg["config"]["augment"]),
                                            cfg.data.image_size, cfg.train.seed, device)
     channels_last = device.type == "cuda" and cfg.train.channels_last
-    clock = augment.epoch_clock(loop_cfg["clock_name"])
+    clock = stream.epoch_clock(loop_cfg["clock_name"])
     beat = _Heartbeat(loop_cfg["run_uri"])
     trace = _Trace(loop_cfg.get("trace_ids_dir"), rank)
     train_shard = ray.train.get_dataset_shard("train")
@@ -410,7 +415,7 @@ def _memory_batches(data: dict[str, Any], batch_size: int):
 
 def _batches(it, decoded: bool = True):
     """numpy batches -> torch tensors (label int64; image uint8 when ``decoded``, else the
-    encoded bytes for :class:`pipeline.augment.WorkerAugment`); ids and rows kept as numpy."""
+    encoded bytes for :class:`pipeline.transforms.WorkerAugment`); ids and rows kept as numpy."""
     for b in it:
         out = {"image": torch.from_numpy(b["image"]) if decoded else b["image"],
                "label": torch.from_numpy(b["label"].astype("int64")), "image_id": b["image_id"]}
@@ -460,12 +465,12 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runtime import AUGMENT_ACTOR_CPUS, EVAL_TASK_CPUS, ensure_ray, train_resources
+    from pipeline.ops.runtime import AUGMENT_ACTOR_CPUS, EVAL_TASK_CPUS, ensure_ray, train_resources
 
     if not cfg.data.manifest:
         raise UserError("data.manifest is not set: pack a dataset (`imgpipe pack SRC DST`) and "
                         "pass --set data.manifest=DST")
-    manifest = shards.read_manifest(cfg.data.manifest)
+    manifest = shardset.read_manifest(cfg.data.manifest)
     for split in ("train", "val"):
         if manifest.rows(split) == 0:
             raise UserError(f"dataset {manifest.root} has no '{split}' images")
@@ -483,8 +488,8 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
     acfg = dataclasses.asdict(cfg.augment)
     size = cfg.data.image_size
 
-    epoch_clock = augment.epoch_clock(clock_name, on_this_node=True)  # here, so readers always find it
-    train_ds = shards.read_split(manifest, "train", columns=["image_id", "image", "label"],
+    epoch_clock = stream.epoch_clock(clock_name, on_this_node=True)  # here, so readers always find it
+    train_ds = stream.read_split(manifest, "train", columns=["image_id", "image", "label"],
                                  shuffle_seed=cfg.train.seed, clock_name=clock_name)
     if cfg.augment.device == "cpu":
         train_ds = train_ds.map_batches(
@@ -492,7 +497,7 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
                                                          "seed": cfg.train.seed, "clock_name": clock_name},
             compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors), num_cpus=AUGMENT_ACTOR_CPUS,
             batch_size=cfg.augment.batch_size)
-    val_ds = shards.read_split(manifest, "val", columns=["image_id", "image", "label"]).map_batches(
+    val_ds = stream.read_split(manifest, "val", columns=["image_id", "image", "label"]).map_batches(
         _eval_transform, fn_kwargs={"cfg": acfg, "size": size}, num_cpus=EVAL_TASK_CPUS, batch_size=256)
     datasets = {"train": train_ds}
     val_ref = None
@@ -569,10 +574,11 @@ def run(cfg: Config, quiet: bool = False, trace_ids_dir: str | None = None,
     }
 
 
-def _test_and_report(cfg: Config, run_uri: str, best_uri: str, manifest: shards.Manifest,
+def _test_and_report(cfg: Config, run_uri: str, best_uri: str, manifest: shardset.Manifest,
                      history: list[dict[str, Any]], quiet: bool) -> tuple[dict[str, Any] | None, str]:
     """Score the best checkpoint on the test split; write report.html and TensorBoard files."""
-    from pipeline import evaluate, report
+    from pipeline.inference import evaluate
+    from pipeline.report import report
 
     test = None
     if manifest.rows("test") > 0:

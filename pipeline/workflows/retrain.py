@@ -28,9 +28,12 @@ import sys
 import time
 from typing import Any
 
-from pipeline import evaluate, predict, registry, shards, storage, train
+from pipeline import registry, storage
 from pipeline.config import Config
+from pipeline.data import packing, shardset
 from pipeline.errors import UserError
+from pipeline.inference import evaluate, predict
+from pipeline.training import train
 
 log = logging.getLogger("imgpipe")
 
@@ -42,23 +45,23 @@ def _say(msg: str, quiet: bool) -> None:
         print(f"retrain: {msg}", file=sys.stderr, flush=True)
 
 
-def _versions_root(base: shards.Manifest) -> str:
+def _versions_root(base: shardset.Manifest) -> str:
     return storage.join(base.root, "versions")
 
 
-def _previous_version(base: shards.Manifest, date: str) -> shards.Manifest:
+def _previous_version(base: shardset.Manifest, date: str) -> shardset.Manifest:
     """The latest finished version before ``date``, else the base dataset."""
     root = _versions_root(base)
     done = [n for n in storage.listdir(root)
             if n.startswith("dt=") and n[3:] < date and storage.exists(storage.join(root, n, DONE))]
     for name in sorted(done, reverse=True):
-        if storage.exists(storage.join(root, name, shards.MANIFEST)):
-            return shards.read_manifest(storage.join(root, name))
+        if storage.exists(storage.join(root, name, shardset.MANIFEST)):
+            return shardset.read_manifest(storage.join(root, name))
     return base
 
 
-def _absolute(m: shards.Manifest, split: str) -> list[dict[str, Any]]:
-    return [{**s, "path": shards.shard_uri(m.root, s["path"])} for s in m.splits.get(split, [])]
+def _absolute(m: shardset.Manifest, split: str) -> list[dict[str, Any]]:
+    return [{**s, "path": shardset.shard_uri(m.root, s["path"])} for s in m.splits.get(split, [])]
 
 
 def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
@@ -71,7 +74,7 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
         raise UserError("data.manifest (the base dataset, whose test split is the frozen holdout) is not set")
     if not cfg.data.incoming:
         raise UserError("data.incoming (prefix holding dt=YYYY-MM-DD/<class>/<image> folders) is not set")
-    base = shards.read_manifest(cfg.data.manifest)
+    base = shardset.read_manifest(cfg.data.manifest)
     name = cfg.registry.name
     version_root = storage.join(_versions_root(base), f"dt={date}")
     done_uri = storage.join(version_root, DONE)
@@ -92,17 +95,17 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
     pack_cfg = copy.deepcopy(cfg)
     pack_cfg.data.val_fraction = pack_cfg.data.test_fraction = 0.0  # all new images train
     new = storage.join(version_root, "incoming")
-    packed = shards.pack(incoming, new, pack_cfg, seed=cfg.train.seed, quiet=quiet, classes=base.classes)
+    packed = packing.pack(incoming, new, pack_cfg, seed=cfg.train.seed, quiet=quiet, classes=base.classes)
     prev = _previous_version(base, date)
     manifest = {
         "format": 1, "classes": base.classes,
-        "splits": {"train": _absolute(prev, "train") + _absolute(shards.read_manifest(new), "train"),
+        "splits": {"train": _absolute(prev, "train") + _absolute(shardset.read_manifest(new), "train"),
                    "val": _absolute(base, "val"), "test": _absolute(base, "test")},
         "source": incoming, "parent": prev.root, "date": date,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_json(storage.join(version_root, shards.MANIFEST), manifest)
-    version = shards.read_manifest(version_root)
+    storage.write_json(storage.join(version_root, shardset.MANIFEST), manifest)
+    version = shardset.read_manifest(version_root)
 
     # 3. warm start from the champion
     champ = registry.champion(cfg.registry.uri, name)
@@ -148,7 +151,7 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
     return {**summary, "already_done": False, "seconds": round(time.time() - t0, 1)}
 
 
-def _register_once(cfg: Config, trained: dict[str, Any], version: shards.Manifest,
+def _register_once(cfg: Config, trained: dict[str, Any], version: shardset.Manifest,
                    champ: dict[str, Any] | None, score: float) -> dict[str, Any]:
     """Register the run's best checkpoint, unless a crashed earlier attempt already did."""
     name = cfg.registry.name

@@ -1,6 +1,6 @@
 """Model evaluation on a packed split: accuracy, per-class accuracy, confusion matrix.
 
-Runs the same Ray Data inference path as :mod:`pipeline.predict` (decode actors ->
+Runs the same Ray Data inference path as :mod:`pipeline.inference.predict` (decode actors ->
 model actors) over the split's verified shards, and reduces on the driver.
 """
 
@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shards, storage
+from pipeline import storage
 from pipeline.config import Config
+from pipeline.data import shardset, stream
 from pipeline.errors import UserError
 
 
@@ -33,25 +34,25 @@ def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False)
     import ray
     import ray.data
 
-    from pipeline import predict
-    from pipeline.runtime import READ_TASK_CPUS, ensure_ray, predict_resources
+    from pipeline.inference import predict
+    from pipeline.ops.runtime import READ_TASK_CPUS, ensure_ray, predict_resources
 
     t0 = time.time()
     art = predict.resolve(model_ref, cfg)
-    manifest = shards.read_manifest(data)
-    manifest._check_split(split)
+    manifest = shardset.read_manifest(data)
+    manifest.check_split(split)
     if list(manifest.classes) != art.classes:
         raise UserError(f"model classes {art.classes} do not match dataset classes {manifest.classes}")
     if manifest.rows(split) == 0:
         raise UserError(f"split '{split}' of {manifest.root} is empty")
     ensure_ray(cfg, quiet=quiet)
-    from pipeline import preflight
+    from pipeline.ops import preflight
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     preflight.check(preflight.predict_request(cfg, cpus, image_size=int(art.meta["image_size"])), "evaluate", cfg)
     res = predict_resources(cfg, cpus)
     name = predict.model_id(art.meta, art.uri)
-    ds = shards.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
+    ds = stream.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
     ds = ds.map_batches(predict._shard_rows, num_cpus=READ_TASK_CPUS, batch_size=predict.READ_BATCH)
     ds = ds.map_batches(predict.DecodeBatch, fn_constructor_kwargs={
         "augment_cfg": predict._augment_dict(cfg), "size": int(art.meta["image_size"]),

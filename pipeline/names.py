@@ -1,0 +1,37 @@
+"""Names of the files and folders imgpipe writes to storage, defined once.
+
+Every reader and writer of these takes the name from here; the layouts they make up
+are described in ``docs/formats.md``.
+"""
+
+# datasets (imgpipe pack)
+MANIFEST = "manifest.json"  # written last: its presence commits the dataset
+ERRORS_DIR = "_errors"  # quarantined images: <dataset or output>/_errors/*.parquet
+
+# training runs (RUN = train.storage/<run_name>)
+RUN_CONFIG = "config.yaml"  # the resolved config of the run
+METRICS = "metrics.jsonl"  # one JSON object per finished epoch
+HEARTBEAT = "_heartbeat.json"  # rank 0's progress inside an epoch, for stall detection
+TRAIN_STATE = "train_state.pt"  # optimizer, step, data position: the resume state of a checkpoint
+TENSORBOARD_DIR = "tensorboard"
+REPORT_DIR = "report"  # RUN/report/: plots and report.json
+EVAL_PREDICTIONS = "test_predictions.parquet"  # RUN/report/: evaluate's per-image results
+
+# model artifacts (checkpoint folders and registry versions)
+WEIGHTS = "weights.pt"
+META = "meta.json"
+
+# registry
+ALIASES = "aliases.json"
+
+# predictions (imgpipe predict)
+SUCCESS = "_SUCCESS"  # the commit marker: lists the committed part files
+STATE_DIR = "_state"  # the input listing snapshot and run state
+PREDICT_REPORT_DIR = "_report"
+
+# reports
+HTML_NAME = "report.html"
+JSON_NAME = "report.json"
+
+# nightly retraining
+RETRAIN_DONE = "retrain.json"
