@@ -92,6 +92,25 @@ def decode_tensor(data: bytes) -> torch.Tensor:
     return torch.from_numpy(images.decode_rgb(data)).permute(2, 0, 1).contiguous()
 
 
+class EvalTransform:
+    """The one eval transform, for every scorer (val during training, evaluate, predict):
+    encoded bytes -> decoded RGB (EXIF applied, see :mod:`pipeline.images`) -> the eval
+    preset -> uint8 CHW of ``size`` x ``size``."""
+
+    def __init__(self, cfg: AugmentConfig, size: int) -> None:
+        self.preset, self.size = EvalPreset(cfg, size), size
+
+    def one(self, data: bytes) -> np.ndarray:
+        """One image; raises :class:`pipeline.images.ImageError` on undecodable bytes."""
+        return self.preset(decode_tensor(bytes(data))).numpy()
+
+    def __call__(self, blobs) -> np.ndarray:
+        out = np.empty((len(blobs), 3, self.size, self.size), dtype=np.uint8)
+        for i, data in enumerate(blobs):
+            out[i] = self.one(data)
+        return out
+
+
 class AugmentBatch:
     """Ray Data ``map_batches`` class: decode + train (or eval) transform a batch.
 
