@@ -1,4 +1,4 @@
-"""pipeline.report.report: training and prediction reports, on tiny fake run/prediction folders (no Ray)."""
+"""pipeline.report: training and prediction reports, on tiny fake run, evaluation and prediction folders (no Ray)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-from pipeline import storage
+from pipeline import names, storage
 from pipeline.data import shardset
 from pipeline.errors import UserError
-from pipeline.inference.evaluate import metrics_from_confusion
+from pipeline.inference.evaluate import RESULT_SCHEMA, metrics_from_confusion
 from pipeline.inference.predict import ERROR_SCHEMA, PRED_SCHEMA
-from pipeline.models import artifact
-from pipeline.models import zoo as models
-from pipeline.report import report
+from pipeline.report import mistakes, report
 
 CLASSES = ["a", "b", "c"]
 HISTORY = [
@@ -66,23 +63,37 @@ def _write_dataset(root: str, n: int = 12) -> list[tuple[str, int]]:
     return rows
 
 
+WRONG = {3: (1, 0.8), 5: (0, 0.9)}  # dataset row -> (predicted class, its score): the fixture's two mistakes
+
+
+def _write_per_image(uri: str, rows: list[tuple[str, str, int, int, float]]) -> None:
+    """evaluate's per-image results: (image_id, source, label, predicted, score) rows."""
+    storage.write_table(uri, pa.table({
+        "image_id": [r[0] for r in rows], "source": [r[1] for r in rows], "label": [r[2] for r in rows],
+        "predicted": [r[3] for r in rows], "score": [r[4] for r in rows],
+        "label_score": [r[4] if r[2] == r[3] else 1.0 - r[4] for r in rows]}, schema=RESULT_SCHEMA))
+
+
 @pytest.fixture
 def run_folder(tmp_path):
     run = str(tmp_path / "run")
     storage.write_bytes(os.path.join(run, "metrics.jsonl"),
                         "".join(json.dumps(h) + "\n" for h in HISTORY).encode())
     storage.write_bytes(os.path.join(run, "config.yaml"), b"train:\n  epochs: 3\n")
-    torch.manual_seed(0)
-    model_uri = str(tmp_path / "model")
-    artifact.save(model_uri, models.build_model("smallcnn", 3).state_dict(),
-                  meta={"arch": "smallcnn", "classes": CLASSES, "image_size": 16, "mean": [.5] * 3,
-                        "std": [.5] * 3, "eval_preset": "digits"})
     data_uri = str(tmp_path / "data")
     rows = _write_dataset(data_uri)
-    cm = np.array([[3, 1, 0], [0, 4, 0], [1, 0, 3]])
+    ids = _dataset_ids(data_uri)
+    preds_uri = str(tmp_path / "eval" / names.EVAL_PREDICTIONS)
+    _write_per_image(preds_uri, [(ids[i], s, lab, *WRONG.get(i, (lab, 0.95))) for i, (s, lab) in enumerate(rows)])
+    cm = np.array([[3, 1, 0], [0, 4, 0], [1, 0, 3]])  # the same two mistakes: a -> b, c -> a
     evaluation = metrics_from_confusion(cm, CLASSES)
-    evaluation.update({"model": "digits@v1", "split": "test", "errors": 0})
-    return run, model_uri, data_uri, rows, evaluation
+    evaluation.update({"model": "digits@v1", "split": "test", "errors": 0, "predictions_uri": preds_uri})
+    return run, data_uri, rows, evaluation
+
+
+def _dataset_ids(data_uri: str) -> list[str]:
+    manifest = shardset.read_manifest(data_uri)
+    return [i for t in shardset.iter_split(manifest, "test", columns=["image_id"]) for i in t["image_id"].to_pylist()]
 
 
 def _check_pngs(folder: str, names: list[str]) -> None:
@@ -104,9 +115,8 @@ def _check_self_contained(html_path: str) -> str:
 
 
 def test_train_report_full(run_folder):
-    run, model_uri, data_uri, rows, evaluation = run_folder
-    uri = report.write_train_report(run, evaluation=evaluation, model_uri=model_uri, data_uri=data_uri,
-                                    worst=16)
+    run, data_uri, rows, evaluation = run_folder
+    uri = report.write_train_report(run, evaluation=evaluation, data_uri=data_uri)
     assert uri == os.path.join(run, "report.html")
     text = _check_self_contained(uri)
     rep = json.load(open(os.path.join(run, "report", "report.json")))
@@ -128,28 +138,65 @@ def test_train_report_full(run_folder):
     truth = {s: CLASSES[lab] for s, lab in rows}
     check, mis = rep["model_check"], rep["misclassified"]
     assert check["images"] == len(rows) and check["correct"] + check["wrong"] == len(rows)
-    assert mis, "an untrained model should get some of the 12 images wrong"
-    assert len(mis) == min(16, check["wrong"])
+    assert check["correct"] == ev["confusion_trace"] and check["predictions_uri"] == evaluation["predictions_uri"]
+    assert mis, "the per-image results hold two mistakes"
+    assert len(mis) == min(16, check["wrong"]) == len(WRONG)
     for m in mis:
         assert m["true"] == truth[m["source"]] and m["pred"] != m["true"]
         assert 0.0 < m["prob"] <= 1.0
     probs = [m["prob"] for m in mis]
-    assert probs == sorted(probs, reverse=True)
+    assert probs == sorted(probs, reverse=True) == [0.9, 0.8]
+    assert [m["source"] for m in mis] == [rows[5][0], rows[3][0]]
     for m in mis:
         assert m["source"] in text
 
 
-def test_train_report_worst_limit_and_max_images(run_folder):
-    run, model_uri, data_uri, _, _ = run_folder
-    full = report.find_misclassified(model_uri, data_uri, worst=100)
-    top = report.find_misclassified(model_uri, data_uri, worst=2)
-    assert [m["source"] for m in top["misclassified"]] == [m["source"] for m in full["misclassified"][:2]]
-    assert report.find_misclassified(model_uri, data_uri, max_images=5)["images"] == 5
+def test_mistakes_ranked_by_score_and_limited(tmp_path):
+    """The most confident mistakes: highest score first, ties by source, at most `worst` (16 by default)."""
+    uri = str(tmp_path / names.EVAL_PREDICTIONS)
+    scores = [round(0.30 + 0.02 * (i % 25), 2) for i in range(40)]
+    rows = [(f"id{i}", f"/img/{i:02d}.png", i % 3, (i + 1) % 3 if i % 4 else i % 3, scores[i]) for i in range(40)]
+    _write_per_image(uri, rows)
+    wrong = [r for r in rows if r[2] != r[3]]
+    full = mistakes.find_mistakes(uri, CLASSES, "test", worst=100)
+    top = mistakes.find_mistakes(uri, CLASSES, "test", worst=2)
+    assert [m["source"] for m in top.shown] == [m["source"] for m in full.shown[:2]]
+    assert full.images == 40 and full.wrong == len(wrong) == 30 and full.correct == 10
+    expected = sorted(wrong, key=lambda r: (-np.float32(r[4]), r[1]))
+    assert [m["source"] for m in full.shown] == [r[1] for r in expected]
+    assert full.image_ids == [r[0] for r in expected]
+    assert [m["prob"] for m in full.shown] == [round(float(np.float32(r[4])), 6) for r in expected]
+    assert len(mistakes.find_mistakes(uri, CLASSES, "test").shown) == mistakes.WORST == 16
+
+
+def test_mistakes_thumbnails_come_from_the_shards(run_folder):
+    _, data_uri, _, _ = run_folder
+    manifest = shardset.read_manifest(data_uri)
+    table = next(shardset.iter_split(manifest, "test", columns=["image_id", "image"]))
+    ids, blobs = table["image_id"].to_pylist(), table["image"].to_pylist()
+    found = mistakes.read_images(data_uri, "test", [ids[3], ids[5], "not-in-the-dataset"])
+    assert found == {ids[3]: blobs[3], ids[5]: blobs[5]}
+
+
+def test_train_report_mistakes_without_dataset(run_folder):
+    """Without the dataset the mistakes are listed but not drawn, and the page says why."""
+    run, _, rows, evaluation = run_folder
+    text = _check_self_contained(report.write_train_report(run, evaluation=evaluation))
+    rep = json.load(open(os.path.join(run, "report", "report.json")))
+    assert "misclassified.png" not in rep["plots"] and len(rep["misclassified"]) == len(WRONG)
+    assert "Thumbnails need the dataset" in text and rows[5][0] in text
+
+
+def test_train_report_escapes_html(run_folder):
+    run, data_uri, _, evaluation = run_folder
+    storage.write_bytes(os.path.join(run, "config.yaml"), b'name: "<script>alert(1)</script> & <b>"\n')
+    text = _check_self_contained(report.write_train_report(run, evaluation=evaluation, data_uri=data_uri))
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;" in text
 
 
 def test_train_report_metrics_only(run_folder):
-    run, model_uri, data_uri, _, evaluation = run_folder
-    report.write_train_report(run, evaluation=evaluation, model_uri=model_uri, data_uri=data_uri)
+    run, data_uri, _, evaluation = run_folder
+    report.write_train_report(run, evaluation=evaluation, data_uri=data_uri)
     uri = report.write_train_report(run)  # a later, smaller report drops the plots it no longer draws
     _check_self_contained(uri)
     rep = json.load(open(os.path.join(run, "report", "report.json")))
