@@ -5,15 +5,32 @@ and calls the functions here. What this module owns:
 
 - resolving a URI to an fsspec filesystem (s3fs for ``s3://``; S3-compatible stores
   through ``AWS_ENDPOINT_URL`` or ``storage.s3.endpoint_url``);
-- retry with exponential backoff for transient faults (503 SlowDown, 500, resets),
-  in one place (:func:`retry`); 403/404 fail at once with the URI in the message;
+- classifying storage errors from their structure (:func:`classify`): exception
+  types, ``errno``, and for S3 the error code and HTTP status of the botocore
+  ``ClientError`` that s3fs chains as ``__cause__``; never the message text, which
+  holds URLs, ports and keys (``127.0.0.1:40437``, ``img_404.png``);
+- the retry policy, below;
 - batched reads (:func:`read_many`): many small objects fetched concurrently on s3fs'
-  event loop, under the same retry policy and error types, errors in place;
+  event loop, under the same policy and error types, errors in place;
 - atomic writes: local files are written to a temp name then ``os.replace``d;
   an S3 PUT is atomic by itself;
 - paginated, streaming listing (:func:`iter_files`) so a prefix of millions of
   objects is never held in memory at once;
 - a pyarrow filesystem view for Ray Data / Ray Train storage.
+
+Retry policy, decided here and nowhere else. An operation makes up to
+``StorageOptions.retries`` attempts; a :data:`ErrorKind.TRANSIENT` failure (throttling,
+5xx, timeouts, dropped connections, truncated bodies) is retried after an exponential
+backoff (``backoff_s``, doubling, capped at 10 s, jittered x0.5-1.5); NotFound (404) and
+Forbidden (403) fail at once naming the URI; anything else is raised as is at once; an
+operation still failing after the last attempt raises :class:`StorageError` naming the
+URI. :func:`retry` runs the policy for one call, :func:`read_many` runs it in rounds
+(each round retries only the objects that failed). Below it no layer retries: the
+filesystems handed out here have botocore's retries off (one attempt per request) and
+s3fs' retry loop off (``retries=1``), so one attempt is one request. The only other
+executor is the pyarrow view (:func:`pyarrow_filesystem`), whose calls run inside
+pyarrow / Ray Train where no :func:`retry` can wrap them: there botocore's ``standard``
+mode makes the same ``retries`` attempts per request with its own backoff.
 
 Options travel explicitly (``StorageOptions`` is a small picklable value) so Ray
 workers on other nodes see the same endpoint as the driver.
@@ -21,22 +38,32 @@ workers on other nodes see the same endpoint as the driver.
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import errno
+import functools
+import http.client
 import io
 import json
 import os
 import posixpath
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aiohttp
+import botocore.exceptions
+import botocore.parsers
 import fsspec
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from fsspec.asyn import sync
+from fsspec.exceptions import FSTimeoutError
 
 from pipeline.errors import UserError
 
@@ -111,139 +138,188 @@ def normalize(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(_strip_file(uri)))
 
 
-def _fs_cache_key(scheme: str, opts: StorageOptions) -> tuple:
-    return (scheme, opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), opts.anon)
-
-
 _fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 
-def filesystem(uri: str, opts: StorageOptions | None = None, *,
-               s3fs_retries: int | None = 1) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path inside it.
-
-    ``s3fs_retries``: tries of s3fs' own retry loop. 1 (no retries) for calls that
-    :func:`retry` wraps: s3fs retries SlowDown 5 times with its own sleeps, under ours,
-    hiding the faults and multiplying the attempts. None keeps s3fs' default, for
-    callers that no :func:`retry` wraps (the pyarrow view).
-    """
+def filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it. An S3 filesystem makes
+    one request per call (no retries of its own): wrap calls in :func:`retry`."""
     opts = opts or _default
     if not is_remote(uri):
         return fsspec.filesystem("file"), normalize(uri)
-    scheme, rest = uri.split("://", 1)
+    return _s3(uri, opts, botocore_attempts=1), uri.split("://", 1)[1].rstrip("/")
+
+
+def _s3(uri: str, opts: StorageOptions, botocore_attempts: int) -> fsspec.AbstractFileSystem:
+    """The cached s3fs filesystem for ``uri``'s scheme; botocore makes up to
+    ``botocore_attempts`` attempts a request, s3fs' own retry loop is off."""
+    scheme = uri.split("://", 1)[0]
     if scheme not in ("s3", "s3a"):
         raise UserError(f"unsupported URI scheme '{scheme}://' in {uri}; valid: local paths, file://, s3://")
-    key = (*_fs_cache_key(scheme, opts), s3fs_retries)
+    endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    key = (scheme, endpoint, opts.anon, botocore_attempts)
     fs = _fs_cache.get(key)
     if fs is None:
-        endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
         fs = fsspec.filesystem(
             "s3",
             anon=opts.anon,
-            client_kwargs=client_kwargs,
+            client_kwargs={"endpoint_url": endpoint} if endpoint else {},
             use_listings_cache=False,  # listings change under us (pack resumes, new nights)
             skip_instance_cache=True,
-            # Our retry() owns backoff; keep botocore's own retries short so faults surface:
-            # 2 attempts in all ("max_attempts" would count retries only: 3 attempts).
-            config_kwargs={"retries": {"total_max_attempts": 2, "mode": "standard"}},
+            # "total_max_attempts" counts the first attempt ("max_attempts" would not)
+            config_kwargs={"retries": {"total_max_attempts": botocore_attempts, "mode": "standard"}},
             **opts.extra,
         )
-        if s3fs_retries is not None:
-            fs.retries = s3fs_retries
+        fs.retries = 1  # s3fs' loop: 1 attempt, no retries (see the module's retry policy)
         _fs_cache[key] = fs
-    return fs, rest.rstrip("/")
+    return fs
 
 
-# ------------------------------------------------------------------------- retry
+# ------------------------------------------------------------- error classification
 
 
-_PATHS = re.compile(r"\S*/\S*")  # URLs and object keys: "127.0.0.1:40437/b/img_404.png" is no status
+class ErrorKind(enum.Enum):
+    """What a storage error means for the retry policy."""
+
+    TRANSIENT = "transient"  # worth another attempt after a backoff
+    NOT_FOUND = "not_found"  # 404 / no such file: raised at once as NotFound
+    FORBIDDEN = "forbidden"  # 403: raised at once as Forbidden
+    PERMANENT = "permanent"  # anything else: raised at once, as is
 
 
-def _status_text(exc: BaseException) -> str:
-    """What an error says about its cause, for matching status codes and S3 error codes:
-    type, message and cause, with URLs and paths removed (a port or a key can hold
-    "404" or "503")."""
-    return _PATHS.sub(" ", f"{type(exc).__name__} {exc} {exc.__cause__!r}")
+# S3 error codes (``ClientError.response["Error"]["Code"]``); the throttling codes as
+# botocore's standard retry mode knows them (botocore.retries.standard).
+_CODE_KINDS: dict[str, ErrorKind] = {
+    **dict.fromkeys(("NoSuchKey", "NoSuchBucket", "NoSuchVersion", "NotFound"), ErrorKind.NOT_FOUND),
+    **dict.fromkeys(("AccessDenied", "Forbidden", "AllAccessDisabled", "AccountProblem",
+                     "InvalidAccessKeyId", "SignatureDoesNotMatch"), ErrorKind.FORBIDDEN),
+    **dict.fromkeys((
+        "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+        "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+        "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException",
+        "PriorRequestNotComplete", "InternalError", "ServiceUnavailable", "XAmzContentSHA256Mismatch",
+    ), ErrorKind.TRANSIENT),
+}
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+# Exceptions for a request or a body read that broke off: connection refused/reset/closed,
+# timeouts, a body shorter than its Content-Length, an unparsable (throttled) reply. The
+# set s3fs retries itself (s3fs.core.S3_RETRYABLE_ERRORS), plus botocore's connection
+# errors and the builtin ones.
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError
+    botocore.exceptions.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+    botocore.exceptions.IncompleteReadError,
+    botocore.parsers.ResponseParserError,
+    aiohttp.ClientConnectionError,  # ServerDisconnectedError, ClientOSError, ServerTimeoutError
+    aiohttp.ClientPayloadError,  # truncated body
+    http.client.IncompleteRead,  # and urllib3's, a subclass
+    FSTimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+_PERMANENT_TYPES = (FileExistsError, IsADirectoryError, NotADirectoryError)
+# errno of an OSError with no ClientError behind it. s3fs maps SlowDown / 503 to EBUSY,
+# InternalError / 500 to EREMOTEIO, an unknown S3 code to EIO.
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.EIO,
+                               errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
+                               errno.EAGAIN})
 
 
-def _says(text: str, *words: str) -> bool:
-    """Any of ``words`` in ``text``; numeric codes only as whole numbers."""
-    return any(re.search(rf"(?<!\d){w}(?!\d)" if w.isdigit() else re.escape(w), text) for w in words)
+def classify(exc: BaseException) -> ErrorKind:
+    """What ``exc`` means for the retry policy, from its structure alone.
+
+    The explicit cause chain (``raise ... from``, as s3fs wraps a botocore
+    ``ClientError`` into an ``OSError``) is walked by type: a ``ClientError`` anywhere in
+    it decides by its S3 error code, then its HTTP status; otherwise the first exception
+    whose type or ``errno`` is known decides. Message text is never read.
+    """
+    if isinstance(exc, UserError):  # already classified (NotFound, Forbidden) or bad input
+        return ErrorKind.PERMANENT
+    chain = _cause_chain(exc)
+    for e in chain:
+        if isinstance(e, botocore.exceptions.ClientError):
+            return _classify_response(e.response)
+    for e in chain:
+        kind = _classify_type(e)
+        if kind is not None:
+            return kind
+    return ErrorKind.PERMANENT
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    # s3fs turns S3 errors into OSError(errno, server message), e.g. SlowDown into
-    # OSError(EBUSY, 'Please reduce your request rate.'): the code is in the cause.
-    text = _status_text(exc)
-    if _says(text, "403", "AccessDenied", "Forbidden", "404", "NoSuchKey", "NoSuchBucket", "InvalidAccessKeyId"):
-        return False
-    if _says(text, "SlowDown", "503", "500", "InternalError", "ServiceUnavailable", "Throttl",
-             "RequestTimeout", "Connection", "timed out", "Timeout", "reset", "Broken pipe"):
-        return True
-    if _is_s3fs_retryable(exc):  # dropped connections, truncated bodies, s3fs timeouts
-        return True
-    return isinstance(exc, (ConnectionError, TimeoutError)) or (
-        isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ECONNRESET, errno.ETIMEDOUT)
-    )
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its explicit causes, outermost first (cycle-safe)."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and not any(e is seen for seen in chain):
+        chain.append(e)
+        e = e.__cause__
+    return chain
 
 
-def _is_s3fs_retryable(exc: BaseException) -> bool:
-    try:
-        from s3fs.core import S3_RETRYABLE_ERRORS
-    except ImportError:
-        return False
-    return isinstance(exc, S3_RETRYABLE_ERRORS)
+def _classify_response(response: dict[str, Any]) -> ErrorKind:
+    """A botocore error response: its S3 error code, else its HTTP status. A reply
+    without a body (any HEAD) carries the bare status as its code, e.g. "404"."""
+    code = str(response.get("Error", {}).get("Code", ""))
+    if code in _CODE_KINDS:
+        return _CODE_KINDS[code]
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if status is None and code.isdigit():
+        status = int(code)
+    if status == 404:
+        return ErrorKind.NOT_FOUND
+    if status == 403:
+        return ErrorKind.FORBIDDEN
+    return ErrorKind.TRANSIENT if status in _TRANSIENT_STATUS else ErrorKind.PERMANENT
 
 
-def retry(fn: Callable[[], T], uri: str, opts: StorageOptions | None = None) -> T:
-    """Call ``fn()``; retry transient storage faults with backoff; name ``uri`` on failure."""
-    opts = opts or _default
-    delay = opts.backoff_s
-    for attempt in range(1, opts.retries + 1):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - classified below
-            err = _permanent_error(e, uri)
-            if err is e:
-                raise
-            if err is not None:
-                raise err from e
-            if attempt == opts.retries:
-                raise _exhausted(uri, attempt, e) from e
-            time.sleep(_backoff(delay))
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
-def _backoff(delay: float) -> float:
-    """Seconds to wait before the next attempt: ``delay`` capped at 10 s, with jitter."""
-    return min(delay, 10.0) * (0.5 + random.random())
-
-
-def _exhausted(uri: str, attempts: int, e: BaseException) -> StorageError:
-    return StorageError(f"{uri}: still failing after {attempts} attempts: {e}")
-
-
-def _permanent_error(e: Exception, uri: str) -> Exception | None:
-    """What to surface at once for ``e``: :class:`NotFound` / :class:`Forbidden` naming
-    ``uri``, or ``e`` itself (another non-transient error); None when ``e`` is a
-    transient fault worth another attempt."""
+def _classify_type(e: BaseException) -> ErrorKind | None:
+    """``e``'s kind from its type and ``errno``; None when neither tells."""
     if isinstance(e, FileNotFoundError):
-        return _caused(NotFound(f"not found: {uri}"), e)
+        return ErrorKind.NOT_FOUND
     if isinstance(e, PermissionError):
-        return _caused(Forbidden(f"access denied (403): {uri}"), e)
-    if isinstance(e, UserError):
-        return e
-    if _is_transient(e):
-        return None
-    text = _status_text(e)
-    if _says(text, "404", "NoSuch"):
+        return ErrorKind.FORBIDDEN
+    if isinstance(e, _PERMANENT_TYPES):
+        return ErrorKind.PERMANENT
+    if isinstance(e, aiohttp.ClientResponseError):
+        return _classify_response({"ResponseMetadata": {"HTTPStatusCode": e.status}})
+    if isinstance(e, _TRANSIENT_TYPES):
+        return ErrorKind.TRANSIENT
+    if isinstance(e, OSError) and e.errno is not None:
+        return ErrorKind.TRANSIENT if e.errno in _TRANSIENT_ERRNOS else ErrorKind.PERMANENT
+    return None
+
+
+# ------------------------------------------------------------------- retry policy
+
+
+def _attempts(opts: StorageOptions) -> Iterator[int]:
+    """Attempt numbers 1..``opts.retries``; resuming after an attempt sleeps the backoff
+    first (exponential from ``opts.backoff_s``, capped at 10 s, jittered)."""
+    delay = opts.backoff_s
+    for attempt in range(1, _max_attempts(opts) + 1):
+        if attempt > 1:
+            time.sleep(min(delay, 10.0) * (0.5 + random.random()))
+            delay *= 2
+        yield attempt
+
+
+def _max_attempts(opts: StorageOptions) -> int:
+    return max(1, opts.retries)
+
+
+def _verdict(e: Exception, uri: str, attempt: int, opts: StorageOptions) -> Exception | None:
+    """What attempt ``attempt`` failing with ``e`` leads to: None to try again, or the
+    error to surface: :class:`NotFound` / :class:`Forbidden` naming ``uri``,
+    :class:`StorageError` naming it once the attempts are spent, or ``e`` itself."""
+    kind = classify(e)
+    if kind is ErrorKind.TRANSIENT:
+        if attempt < _max_attempts(opts):
+            return None
+        return _caused(StorageError(f"{uri}: still failing after {attempt} attempts: {e}"), e)
+    if kind is ErrorKind.NOT_FOUND:
         return _caused(NotFound(f"not found: {uri}"), e)
-    if _says(text, "403", "AccessDenied"):
+    if kind is ErrorKind.FORBIDDEN:
         return _caused(Forbidden(f"access denied (403): {uri}"), e)
     return e
 
@@ -251,6 +327,21 @@ def _permanent_error(e: Exception, uri: str) -> Exception | None:
 def _caused(err: Exception, cause: BaseException) -> Exception:
     err.__cause__ = cause
     return err
+
+
+def retry(fn: Callable[[], T], uri: str, opts: StorageOptions | None = None) -> T:
+    """Call ``fn()`` under the module's retry policy; failures name ``uri``."""
+    opts = opts or _default
+    for attempt in _attempts(opts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified by _verdict
+            err = _verdict(e, uri, attempt, opts)
+            if err is e:
+                raise
+            if err is not None:
+                raise err from e
+    raise AssertionError("unreachable: the last attempt raises")
 
 
 # ---------------------------------------------------------------- file operations
@@ -282,86 +373,77 @@ def read_many(uris: list[str], opts: StorageOptions | None = None, *,
     S3 objects are fetched by up to ``concurrency`` GETs at once as coroutines on s3fs'
     event loop (one GET each, no HEAD first; no thread per object); local files by a
     small thread pool. Per object, the error contract of :func:`read_bytes` holds:
-    transient faults are retried with :func:`retry`'s backoff policy (a round of
-    retries takes only the objects that failed), and a failure is returned in that
-    object's place instead of raised, so one bad object does not hide the others:
+    transient faults are retried under the module's retry policy (a round of retries
+    takes only the objects that failed), and a failure is returned in that object's
+    place instead of raised, so one bad object does not hide the others:
     :class:`NotFound` / :class:`Forbidden` naming the URI, :class:`StorageError` after
     ``opts.retries`` attempts, or any other non-transient error as raised.
     """
     opts = opts or _default
     uris = list(uris)
     out: list[bytes | Exception | None] = [None] * len(uris)
-    if not uris:
-        return []
-    remote = [i for i, u in enumerate(uris) if is_remote(u)]
-    local = [i for i, u in enumerate(uris) if not is_remote(u)]
-    if local:
-        def one(i: int) -> bytes | Exception:
-            try:
-                return read_bytes(uris[i], opts)
-            except Exception as e:  # noqa: BLE001 - returned in the object's place
-                return e
-
-        if len(local) == 1:
-            out[local[0]] = one(local[0])
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(READ_MANY_LOCAL_THREADS, len(local))) as pool:
-                for i, r in zip(local, pool.map(one, local)):
-                    out[i] = r
+    _read_many_local(uris, [i for i, u in enumerate(uris) if not is_remote(u)], out, opts)
     by_fs: dict[int, tuple[Any, list[tuple[int, str]]]] = {}
-    for i in remote:
-        fs, path = filesystem(uris[i], opts)  # UserError for an unsupported scheme: raised
-        by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
+    for i, uri in enumerate(uris):
+        if is_remote(uri):
+            fs, path = filesystem(uri, opts)  # UserError for an unsupported scheme: raised
+            by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
     for fs, items in by_fs.values():
         _read_many_s3(fs, items, uris, out, opts, max(1, concurrency))
     return out  # type: ignore[return-value]
 
 
-def _read_many_s3(fs, items: list[tuple[int, str]], uris: list[str], out: list,
+def _read_bytes_or_error(uri: str, opts: StorageOptions) -> bytes | Exception:
+    try:
+        return read_bytes(uri, opts)
+    except Exception as e:  # noqa: BLE001 - returned in the object's place
+        return e
+
+
+def _read_many_local(uris: list[str], indices: list[int], out: list, opts: StorageOptions) -> None:
+    """Fill ``out[i]`` for the local files at ``indices``, on a few threads."""
+    if len(indices) <= 1:
+        for i in indices:
+            out[i] = _read_bytes_or_error(uris[i], opts)
+        return
+    with ThreadPoolExecutor(min(READ_MANY_LOCAL_THREADS, len(indices))) as pool:
+        for i, r in zip(indices, pool.map(lambda i: _read_bytes_or_error(uris[i], opts), indices)):
+            out[i] = r
+
+
+def _read_many_s3(fs: Any, items: list[tuple[int, str]], uris: list[str], out: list,
                   opts: StorageOptions, concurrency: int) -> None:
-    """Fill ``out[i]`` for each ``(i, path)``: rounds of concurrent GETs on s3fs' loop;
-    after each round, the transient failures alone are retried after :func:`retry`'s
-    backoff (exponential, jittered, capped at 10 s)."""
-    import asyncio
-
-    from fsspec.asyn import sync
-
-    async def fetch_all(batch: list[tuple[int, str]]) -> list:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def one(path: str) -> bytes:
-            async with sem:
-                # max_concurrency=1: a single GET (s3fs would HEAD first to size a
-                # chunked parallel download, doubling the requests for small objects)
-                return await fs._cat_file(path, max_concurrency=1)
-
-        return await asyncio.gather(*(one(p) for _, p in batch), return_exceptions=True)
-
+    """Fill ``out[i]`` for each ``(i, path)``: one round of concurrent GETs per attempt
+    of the retry policy; a round retries only the transient failures of the last."""
     pending = items
-    delay = opts.backoff_s
-    for attempt in range(1, opts.retries + 1):
-        results = sync(fs.loop, fetch_all, pending)
+    for attempt in _attempts(opts):
+        results = sync(fs.loop, _get_all, fs, [path for _, path in pending], concurrency)
         failed = []
         for (i, path), r in zip(pending, results):
             if not isinstance(r, BaseException):
                 out[i] = r
-                continue
-            if not isinstance(r, Exception):  # cancelled, interrupted: not a storage fault
+            elif not isinstance(r, Exception):  # cancelled, interrupted: not a storage fault
                 raise r
-            err = _permanent_error(r, uris[i])
-            if err is not None:
-                out[i] = err
-            elif attempt == opts.retries:
-                out[i] = _caused(_exhausted(uris[i], attempt, r), r)
-            else:
+            elif (err := _verdict(r, uris[i], attempt, opts)) is None:
                 failed.append((i, path))
+            else:
+                out[i] = err
         if not failed:
             return
         pending = failed
-        time.sleep(_backoff(delay))
-        delay *= 2
+
+
+async def _get_all(fs: Any, paths: list[str], concurrency: int) -> list[bytes | BaseException]:
+    """GET each of ``paths``, ``concurrency`` at a time; errors in place."""
+    sem = asyncio.Semaphore(concurrency)
+    return await asyncio.gather(*(_get_one(fs, sem, p) for p in paths), return_exceptions=True)
+
+
+async def _get_one(fs: Any, sem: asyncio.Semaphore, path: str) -> bytes:
+    async with sem:
+        # max_concurrency=1: a single GET (s3fs would HEAD first to size a chunked
+        # parallel download, doubling the requests for small objects)
+        return await fs._cat_file(path, max_concurrency=1)
 
 
 def read_text(uri: str, opts: StorageOptions | None = None) -> str:
@@ -453,12 +535,6 @@ class FileInfo:
     version: str
 
 
-def _uri(uri_root: str, path: str) -> str:
-    if is_remote(uri_root):
-        return f"{uri_root.split('://', 1)[0]}://{path}"
-    return path
-
-
 def iter_files(prefix: str, suffixes: tuple[str, ...] | None = None,
                opts: StorageOptions | None = None) -> Iterator[FileInfo]:
     """Yield every file under ``prefix``, recursively, in sorted key order, streaming.
@@ -469,23 +545,30 @@ def iter_files(prefix: str, suffixes: tuple[str, ...] | None = None,
     on the lower-cased name.
     """
     fs, path = filesystem(prefix, opts)
-
-    def keep(name: str) -> bool:
-        base = posixpath.basename(name)
-        if base.startswith((".", "_")) or ".tmp-" in base:
-            return False
-        return suffixes is None or base.lower().endswith(suffixes)
-
-    if not is_remote(prefix):
-        if not os.path.exists(path):
-            raise NotFound(f"not found: {prefix}")
-        if os.path.isfile(path):
-            st = os.stat(path)
-            yield FileInfo(path, st.st_size, str(st.st_mtime_ns))
-            return
-        yield from _walk_local(path, keep)
+    keep = functools.partial(_keep, suffixes=suffixes)
+    if is_remote(prefix):
+        yield from _iter_s3(fs, prefix, path, keep, opts)
         return
+    if not os.path.exists(path):
+        raise NotFound(f"not found: {prefix}")
+    if os.path.isfile(path):
+        st = os.stat(path)
+        yield FileInfo(path, st.st_size, str(st.st_mtime_ns))
+        return
+    yield from _walk_local(path, keep)
 
+
+def _keep(name: str, suffixes: tuple[str, ...] | None) -> bool:
+    """A listed file worth yielding: not hidden, not a temp file, one of ``suffixes``."""
+    base = posixpath.basename(name)
+    if base.startswith((".", "_")) or ".tmp-" in base:
+        return False
+    return suffixes is None or base.lower().endswith(suffixes)
+
+
+def _iter_s3(fs: Any, prefix: str, path: str, keep: Callable[[str], bool],
+             opts: StorageOptions | None) -> Iterator[FileInfo]:
+    """:func:`iter_files` on S3: ``list_objects_v2`` page by page, each page retried."""
     bucket, _, key_prefix = path.partition("/")
     if key_prefix and not key_prefix.endswith("/"):
         key_prefix += "/"
@@ -495,7 +578,7 @@ def iter_files(prefix: str, suffixes: tuple[str, ...] | None = None,
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": 1000}
         if token:
             kwargs["ContinuationToken"] = token
-        page = retry(lambda kw=kwargs: fs.call_s3("list_objects_v2", **kw), prefix, opts)
+        page = retry(functools.partial(fs.call_s3, "list_objects_v2", **kwargs), prefix, opts)
         for obj in page.get("Contents", []):
             found = True
             # skip files inside hidden/underscore folders too (e.g. _errors/)
@@ -507,11 +590,10 @@ def iter_files(prefix: str, suffixes: tuple[str, ...] | None = None,
         if not page.get("IsTruncated"):
             break
         token = page["NextContinuationToken"]
-    if not found:
-        # An empty prefix and a missing one look alike on S3: a single object is a file.
-        if key_prefix and retry(lambda: fs.isfile(path), prefix, opts):
-            info = retry(lambda: fs.info(path), prefix, opts)
-            yield FileInfo(prefix, int(info["size"]), str(info.get("ETag", "")).strip('"'))
+    # An empty prefix and a missing one look alike on S3: a single object is a file.
+    if not found and key_prefix and retry(lambda: fs.isfile(path), prefix, opts):
+        info = retry(lambda: fs.info(path), prefix, opts)
+        yield FileInfo(prefix, int(info["size"]), str(info.get("ETag", "")).strip('"'))
 
 
 def _walk_local(root: str, keep: Callable[[str], bool]) -> Iterator[FileInfo]:
@@ -525,11 +607,14 @@ def _walk_local(root: str, keep: Callable[[str], bool]) -> Iterator[FileInfo]:
             yield FileInfo(e.path, st.st_size, str(st.st_mtime_ns))
 
 
-def pyarrow_filesystem(uri: str, opts: StorageOptions | None = None):
-    """``(pyarrow.fs.FileSystem, path)`` for Ray Data readers and Ray Train storage."""
-    import pyarrow.fs as pafs
+def pyarrow_filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow.fs.FileSystem, path)`` for Ray Data readers and Ray Train storage.
 
+    No :func:`retry` can wrap the calls pyarrow makes, so this view's S3 filesystem
+    lets botocore's standard mode make the policy's ``opts.retries`` attempts instead.
+    """
+    opts = opts or _default
     if not is_remote(uri):
         return pafs.LocalFileSystem(), normalize(uri)
-    fs, path = filesystem(uri, opts, s3fs_retries=None)  # no retry() around pyarrow's calls
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    fs = _s3(uri, opts, botocore_attempts=_max_attempts(opts))
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), uri.split("://", 1)[1].rstrip("/")

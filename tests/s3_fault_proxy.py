@@ -2,6 +2,7 @@
 
     proxy = FaultProxy("http://127.0.0.1:5000")      # in front of the moto server
     proxy.add_fault(method="GET", path_contains="key.png", status=503, code="SlowDown", times=2)
+    proxy.add_fault(path_contains="k.png", status=404, code="NoSuchKey", message="503 SlowDown")
     proxy.add_fault(path_contains="x.bin", reset=True, times=1)  # close without a response
     proxy.add_fault(path_contains="x.bin", truncate=True)  # headers, half the body, reset
     ... point the client at proxy.url ...
@@ -58,6 +59,7 @@ class Fault:
     path_contains: str = ""  # matched against the raw path + query
     status: int = 503
     code: str = "SlowDown"
+    message: str | None = None  # the error body's <Message>; None: S3's wording for ``code``
     times: int | None = 1  # None: every matching request
     reset: bool = False  # close the connection (RST) without a response
     truncate: bool = False  # forward, but cut the body in half and reset (status is unused)
@@ -160,7 +162,7 @@ class FaultProxy:
                     return
                 if fault is not None and not fault.truncate:
                     proxy._log(method, target, fault.status)
-                    payload = b"" if method == "HEAD" else error_body(fault.code)
+                    payload = b"" if method == "HEAD" else error_body(fault.code, fault.message)
                     self.send_response(fault.status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))

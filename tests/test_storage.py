@@ -1,8 +1,11 @@
 """Storage: URIs, atomic writes, streaming listing, NotFound, on local disk and moto S3."""
 
+import errno
 import os
 
 import pytest
+from botocore.exceptions import ClientError
+from s3fs.errors import translate_boto_error
 
 from pipeline import storage
 
@@ -52,13 +55,20 @@ def test_local_atomic_write_leaves_no_temp(tmp_path):
     assert os.listdir(tmp_path / "d") == ["f.bin"]
 
 
+def _s3fs_error(code: str, status: int) -> OSError:
+    """What s3fs raises for an S3 error reply: an OSError with the botocore ClientError
+    as its ``__cause__``."""
+    return translate_boto_error(ClientError({"Error": {"Code": code, "Message": "server wording"},
+                                             "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"))
+
+
 def test_retry_is_bounded_and_classifies():
     calls = []
 
     def flaky():
         calls.append(1)
         if len(calls) < 3:
-            raise OSError("An error occurred (SlowDown) when calling the GetObject operation: 503")
+            raise _s3fs_error("SlowDown", 503)
         return "ok"
 
     opts = storage.StorageOptions(retries=4, backoff_s=0.001)
@@ -74,10 +84,34 @@ def test_retry_is_bounded_and_classifies():
     assert len(calls) == 1  # 403 is not retried
 
     def always_503():
-        raise OSError("503 Service Unavailable")
+        raise _s3fs_error("503", 503)
 
     with pytest.raises(storage.StorageError, match="still failing after 4 attempts"):
         storage.retry(always_503, "s3://b/k", opts)
+
+
+def test_retry_raises_other_errors_at_once():
+    calls = []
+
+    def bad_request():
+        calls.append(1)
+        raise _s3fs_error("InvalidArgument", 400)
+
+    opts = storage.StorageOptions(retries=4, backoff_s=0.001)
+    with pytest.raises(OSError) as info:
+        storage.retry(bad_request, "s3://b/k", opts)
+    assert len(calls) == 1 and not isinstance(info.value, storage.StorageError)
+    assert storage.classify(info.value) is storage.ErrorKind.PERMANENT
+
+
+def test_local_errors_by_type(tmp_path):
+    with pytest.raises(storage.NotFound, match="nope.bin"):
+        storage.read_bytes(str(tmp_path / "nope.bin"))
+    with pytest.raises(IsADirectoryError):  # not retried, not renamed
+        storage.read_bytes(str(tmp_path))
+    assert storage.classify(ConnectionResetError(errno.ECONNRESET, "reset")) is storage.ErrorKind.TRANSIENT
+    assert storage.classify(OSError(errno.EBUSY, "busy")) is storage.ErrorKind.TRANSIENT
+    assert storage.classify(OSError(errno.ENOSPC, "disk full")) is storage.ErrorKind.PERMANENT
 
 
 def test_read_many_in_order_errors_in_place(root):

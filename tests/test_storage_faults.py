@@ -2,7 +2,8 @@
 
 Throttling (503 SlowDown), 500s and connection resets are retried with backoff;
 403/404 fail at once with a message naming the URI; a fault that persists ends in
-StorageError after a bounded number of attempts. The proxy counts what reaches it.
+StorageError after a bounded number of attempts. The proxy counts what reaches it:
+storage.retry is the only retry loop, so each of its attempts is one request.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import re
 import time
 
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+from s3fs.errors import translate_boto_error
 
 from pipeline import storage
+from pipeline.storage import ErrorKind as Kind
 from tests.s3_fault_proxy import FaultProxy
 
 RETRIES = 4
-BOTOCORE_ATTEMPTS = 2  # storage.filesystem: botocore total_max_attempts
 
 
 @pytest.fixture
@@ -84,8 +87,8 @@ def test_persistent_slowdown_is_bounded_and_names_uri(proxy, direct, s3_bucket):
         storage.read_bytes(uri)
     elapsed = time.monotonic() - t0
     attempts = proxy.count("GET", "/hot.png")
-    # every attempt of retry() reached the server; no hidden inner retry loop multiplies them
-    assert RETRIES < attempts <= RETRIES * BOTOCORE_ATTEMPTS
+    # every attempt of retry() reached the server once; no hidden inner retry loop multiplies them
+    assert attempts == RETRIES
     assert f"after {RETRIES} attempts" in str(info.value)
     assert elapsed < 8  # tiny backoff_s; botocore's own jitter is at most 1 s per call
 
@@ -134,13 +137,13 @@ def test_persistent_resets_are_retried_then_fail_naming_uri(proxy, direct, s3_bu
         storage.read_bytes(uri)
     assert f"after {RETRIES} attempts" in str(info.value)
     # aiohttp itself re-sends once when a kept-alive connection drops: x2
-    assert RETRIES < proxy.count("GET", "/rr.png") <= RETRIES * BOTOCORE_ATTEMPTS * 2
+    assert RETRIES < proxy.count("GET", "/rr.png") <= RETRIES * 2
 
 
 def test_truncated_body_then_success(proxy, direct, s3_bucket):
     data = bytes(range(256)) * 64
     direct.pipe_file(f"{_bucket(s3_bucket)}/t.png", data)
-    # both of botocore's attempts cut short: storage.retry must retry the broken read
+    # two attempts cut short: storage.retry must retry the broken read (botocore cannot)
     fault = proxy.add_fault(method="GET", path_contains="/t.png", truncate=True, times=2)
     assert storage.read_bytes(f"{s3_bucket}/t.png") == data
     assert fault.hits == 2
@@ -152,24 +155,79 @@ def test_read_errors_s3fs_would_have_retried_stay_transient():
     from botocore.parsers import ResponseParserError
     from urllib3.exceptions import IncompleteRead
 
-    assert storage._is_transient(ResponseParserError("Unable to parse response"))
-    assert storage._is_transient(IncompleteRead(10, 90))
+    assert storage.classify(ResponseParserError("Unable to parse response")) is Kind.TRANSIENT
+    assert storage.classify(IncompleteRead(10, 90)) is Kind.TRANSIENT
 
 
 def test_status_codes_in_urls_and_keys_are_not_statuses():
     """A port or an object key holding "404" once made a dropped connection a NotFound
-    (CI saw it: endpoint http://127.0.0.1:40437). Codes count only outside URLs/paths."""
-    from botocore.exceptions import ClientError, EndpointConnectionError
-
+    (CI saw it: endpoint http://127.0.0.1:40437). Now only types and codes count."""
     dropped = EndpointConnectionError(endpoint_url="http://127.0.0.1:40437/b/rr.png")
-    assert storage._is_transient(dropped)
-    assert storage._permanent_error(dropped, "s3://b/rr.png") is None
+    assert storage.classify(dropped) is Kind.TRANSIENT
     slow = ClientError({"Error": {"Code": "SlowDown", "Message": "b/img_404.png"}}, "GetObject")
-    assert storage._is_transient(slow)
+    assert storage.classify(slow) is Kind.TRANSIENT
     gone = ClientError({"Error": {"Code": "404", "Message": "Not Found"}}, "HeadObject")
-    assert isinstance(storage._permanent_error(gone, "s3://b/x.png"), storage.NotFound)
+    assert storage.classify(gone) is Kind.NOT_FOUND
     denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "GetObject")
-    assert isinstance(storage._permanent_error(denied, "s3://b/x.png"), storage.Forbidden)
+    assert storage.classify(denied) is Kind.FORBIDDEN
+
+
+def _client_error(code: str, status: int, message: str, op: str = "GetObject") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+
+
+@pytest.mark.parametrize("exc, kind", [
+    # (what s3fs / botocore / aiohttp raise, with status-like text in the message) -> kind
+    (translate_boto_error(_client_error("SlowDown", 503, "b/img_404.png: 404 Not Found")), Kind.TRANSIENT),
+    (translate_boto_error(_client_error("InternalError", 500, "key img_403.png AccessDenied")), Kind.TRANSIENT),
+    (translate_boto_error(_client_error("NoSuchKey", 404, "503 SlowDown, reduce your request rate")), Kind.NOT_FOUND),
+    (translate_boto_error(_client_error("AccessDenied", 403, "http://127.0.0.1:50300/b/k 503")), Kind.FORBIDDEN),
+    (translate_boto_error(_client_error("404", 404, "Not Found", "HeadObject")), Kind.NOT_FOUND),
+    (translate_boto_error(_client_error("503", 503, "Service Unavailable", "HeadObject")), Kind.TRANSIENT),
+    (translate_boto_error(_client_error("InvalidArgument", 400, "503 SlowDown timed out reset")), Kind.PERMANENT),
+    (EndpointConnectionError(endpoint_url="http://127.0.0.1:40437/b/img_404.png"), Kind.TRANSIENT),
+    (FileNotFoundError("503 SlowDown Connection reset"), Kind.NOT_FOUND),
+    (PermissionError("500 InternalError timed out"), Kind.FORBIDDEN),
+    (OSError("404 NoSuchKey 403 AccessDenied"), Kind.PERMANENT),  # no errno, no cause: nothing to go by
+    (OSError("An error occurred (SlowDown): 503 Connection reset, timed out"), Kind.PERMANENT),
+    (ValueError("s3://b/img_503.png"), Kind.PERMANENT),
+])
+def test_message_text_can_not_change_the_classification(exc, kind):
+    """Classification reads types, errno, S3 error codes and HTTP statuses only, by
+    construction: status codes, S3 codes and words in a message (a key like img_404.png,
+    a port, a server's wording) decide nothing."""
+    assert storage.classify(exc) is kind
+
+
+def test_key_and_message_naming_statuses_through_the_proxy(proxy, direct, s3_bucket):
+    """End to end: keys named like statuses, server messages full of the wrong ones."""
+    direct.pipe_file(f"{_bucket(s3_bucket)}/img_404.png", b"x")
+    fault = proxy.add_fault(method="GET", path_contains="/img_404.png", status=503, code="SlowDown",
+                            message="404 Not Found: NoSuchKey img_404.png, 403 AccessDenied", times=2)
+    assert storage.read_bytes(f"{s3_bucket}/img_404.png") == b"x"
+    assert fault.hits == 2 and proxy.count("GET", "/img_404.png") == 3
+    missing = f"{s3_bucket}/img_503.png"
+    proxy.add_fault(method="GET", path_contains="/img_503.png", status=404, code="NoSuchKey",
+                    message="503 SlowDown: reduce your request rate, 500 InternalError", times=None)
+    out = storage.read_many([missing, f"{s3_bucket}/img_404.png"])
+    assert isinstance(out[0], storage.NotFound) and missing in str(out[0]) and out[1] == b"x"
+    assert proxy.count("GET", "/img_503.png") == 1  # a 404, whatever the key and message say
+
+
+def test_pyarrow_view_retries_through_botocore(proxy, direct, s3_bucket):
+    """The pyarrow view (Ray Train storage) runs where no retry() wraps its calls: its
+    requests get the same attempt budget from botocore's standard mode."""
+    fs, path = storage.pyarrow_filesystem(f"{s3_bucket}/ckpt")
+    fault = proxy.add_fault(method="PUT", path_contains="/ckpt/state.bin", status=500, code="InternalError", times=2)
+    with fs.open_output_stream(f"{path}/state.bin") as f:
+        f.write(b"weights")
+    assert fault.hits == 2 and proxy.count("PUT", "/ckpt/state.bin") == 3
+    assert direct.cat_file(f"{_bucket(s3_bucket)}/ckpt/state.bin") == b"weights"
+    proxy.add_fault(method="GET", path_contains="/ckpt/state.bin", status=503, code="SlowDown", times=None)
+    with pytest.raises(OSError), fs.open_input_stream(f"{path}/state.bin") as f:
+        f.read()
+    assert proxy.count("GET", "/ckpt/state.bin") == RETRIES  # bounded: botocore's attempts only
 
 
 def test_proxy_is_loopback_only(s3_server):
@@ -200,8 +258,8 @@ def test_read_many_retries_only_the_throttled_objects(proxy, direct, s3_bucket):
     assert out == [f"data of {n}".encode() for n in names]  # in order, every one read
     assert all(f.hits == f.times for f in faults)
     for n in names:
-        # one GET per object (no HEAD first); botocore's 2 attempts + 1 more round for
-        # the throttled ones; a single 500 is absorbed by botocore's second attempt
+        # one GET per object and round (no HEAD first): 2 more rounds for the objects
+        # throttled twice, 1 more for the single 500
         want = 3 if n in hot else 2 if n == "m/020.png" else 1
         assert proxy.count("GET", f"/{n}") == want, n
     assert proxy.count("HEAD", "/m/") == 0
@@ -230,8 +288,7 @@ def test_read_many_persistent_slowdown_exhausts_retries_naming_uri(proxy, direct
     err = out[1]
     assert isinstance(err, storage.StorageError) and uris[1] in str(err)
     assert f"still failing after {RETRIES} attempts" in str(err) and "reduce your request rate" in str(err)
-    attempts = proxy.count("GET", "/p/hot.png")
-    assert RETRIES < attempts <= RETRIES * BOTOCORE_ATTEMPTS
+    assert proxy.count("GET", "/p/hot.png") == RETRIES  # one GET a round: no inner retry loop
     assert proxy.count("GET", "/p/ok1.png") == 1 and proxy.count("GET", "/p/ok2.png") == 1
     assert elapsed < 8
 
