@@ -20,6 +20,7 @@ def write_digits(dst: str, limit: int | None = None) -> int:
     Pixel values 0..16 are scaled to 0..255 (white ink on black, as stored).
     ``limit`` keeps the first N per class (tests use small sets).
     """
+    # deferred: scikit-learn takes ~2.7 s to import; only the demo and tests write digits
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -1,45 +1,140 @@
-"""Listing a source: ImageFolder prefix, CSV/Parquet listing, or a packed shard set.
+"""Naming input images: the one parser of source strings, and the listings made from them.
+
+A source string is one of (:func:`parse` tells which)::
+
+    DATASET:split        one split of a packed dataset (predict)
+    FILE.csv|.parquet    a listing file: columns uri[,label][,size,version]
+    DATASET              a packed shard set, a folder holding manifest.json (pack re-splits it)
+    PREFIX               a folder or S3 prefix of images: pack reads it as an ImageFolder
+                         (<class>/<file>), predict lists it recursively
+
+Colons elsewhere belong to names (``s3://``, keys like ``dt=2026-01-01T00:00``, local
+folders named ``a:b``): only a trailing ``:<split>`` after a dataset is a split.
+:func:`list_source` (pack) and :func:`read_input` (predict) build their tables from it.
 """
 
 from __future__ import annotations
 
 import io
-import logging
+import re
+from dataclasses import dataclass
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.data.shardset import MANIFEST, Manifest, read_manifest, read_shard, shard_uri
+from pipeline.data.shardset import (
+    SPLITS,
+    Manifest,
+    is_dataset,
+    read_manifest,
+    read_shard,
+    shard_uri,
+)
 from pipeline.errors import UserError
 
-log = logging.getLogger("imgpipe")
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+LISTING_SUFFIXES = (".csv", ".parquet")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a split name: no '/', so never part of 's3://'
+
+# predict's input listing (also its run-state snapshot); version: ETag on S3, mtime locally
+LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+# pack's source listing; origin "<shard uri>#<row>" when the bytes come from a packed shard
+SOURCE_SCHEMA = pa.schema([("source", pa.string()), ("label_name", pa.string()), ("size", pa.int64()),
+                           ("origin", pa.string()), ("origin_sha256", pa.string())])
+
+Kind = Literal["split", "listing", "shards", "prefix"]
 
 
+@dataclass(frozen=True)
+class Source:
+    """A parsed source string."""
+
+    kind: Kind
+    uri: str  # as given, less a trailing ":<split>"
+    split: str | None = None  # kind "split" only
 
 
-def _label_names_from_ints(labels: list) -> list[str]:
-    return [str(int(v)) for v in labels]
+def parse(src: str) -> Source:
+    """Classify ``src`` (see the module docstring); looks at storage to decide."""
+    dataset_split = split_dataset(src)
+    if dataset_split is not None:
+        return Source("split", *dataset_split)
+    if storage.normalize(src).lower().endswith(LISTING_SUFFIXES) and not storage.isdir(src):
+        return Source("listing", src)
+    if is_dataset(src):
+        return Source("shards", src)
+    return Source("prefix", src)
+
+
+def split_dataset(src: str) -> tuple[str, str] | None:
+    """``(dataset, split)`` if ``src`` is ``DATASET:split``, else None.
+
+    Only the text after the last ':' can be a split, and only if it is a bare name and
+    the text before it is a dataset (holds manifest.json); anything else is a path (a
+    local folder ``imgs:test``, a key ``dt=2026-01-01T00:00``). One exception: a
+    standard split name after a missing dataset, when ``src`` does not exist as
+    written either, is taken as ``DATASET:split`` so that reading it says what is missing.
+    """
+    dataset, sep, split = src.rpartition(":")
+    if not (sep and dataset and SPLIT_NAME.fullmatch(split)):
+        return None
+    if is_dataset(dataset) or (split in SPLITS and not storage.exists(src)):
+        return dataset, split
+    return None
+
+
+def read_listing(uri: str, required: tuple[str, ...]) -> pa.Table:
+    """A CSV or Parquet listing file as stored, checked to have the ``required`` columns."""
+    try:
+        if uri.lower().endswith(".parquet"):
+            table = storage.read_table(uri)
+        else:
+            table = pacsv.read_csv(io.BytesIO(storage.read_bytes(uri)))
+    except storage.NotFound:
+        raise UserError(f"listing file not found: {uri}") from None
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise UserError(f"listing {uri} needs columns {','.join(required)}; missing {', '.join(missing)} "
+                        f"(has {', '.join(table.column_names)})")
+    return table
+
+
+# ------------------------------------------------------------------ pack's source
 
 
 def list_source(src: str) -> pa.Table:
-    """List ``src`` into a table (source, label_name, size, origin, origin_sha256).
+    """List ``src`` into a table of :data:`SOURCE_SCHEMA` for ``imgpipe pack``.
 
     ``src`` is an ImageFolder prefix (``<class>/<file>``), a CSV/Parquet listing with
     columns ``uri,label`` (labels as names or ints), or a packed shard set (origin then
     points into its shards, so re-splitting never goes back to the original objects).
     """
-    norm = storage.normalize(src)
-    low = norm.lower()
-    if low.endswith((".csv", ".parquet")):
-        return _list_listing(norm)
-    if storage.exists(storage.join(norm, MANIFEST)):
+    source = parse(src)
+    if source.kind == "split":
+        raise UserError(f"source not found: {src} (pack reads a whole dataset, not one split; "
+                        f"`DATASET:split` is for predict)")
+    norm = storage.normalize(source.uri)
+    if source.kind == "listing":
+        return _labelled_listing(norm)
+    if source.kind == "shards":
         return _list_shard_set(norm)
     if not storage.exists(norm):
         raise UserError(f"source not found: {src}")
+    return _list_image_folder(norm, src)
+
+
+def _source_table(sources: list[str], labels: list[str], sizes: list[int] | None = None,
+                  origins: list[str] | None = None, shas: list[str] | None = None) -> pa.Table:
+    n = len(sources)
+    return pa.table({"source": sources, "label_name": labels,
+                     "size": sizes if sizes is not None else [-1] * n,  # bytes; -1: unknown
+                     "origin": origins or [""] * n, "origin_sha256": shas or [""] * n},
+                    schema=SOURCE_SCHEMA)
+
+
+def _list_image_folder(norm: str, src: str) -> pa.Table:
     sources, labels, sizes = [], [], []
     prefix_len = len(norm.rstrip("/")) + 1
     for info in storage.iter_files(norm, IMAGE_SUFFIXES):
@@ -52,80 +147,75 @@ def list_source(src: str) -> pa.Table:
     if not sources:
         raise UserError(f"no images found under {src} (expected <class>/<image> with suffix "
                         f"{', '.join(IMAGE_SUFFIXES)})")
-    n = len(sources)
-    return pa.table({"source": sources, "label_name": labels, "size": pa.array(sizes, pa.int64()),
-                     "origin": [""] * n, "origin_sha256": [""] * n})
+    return _source_table(sources, labels, sizes)
 
 
-def _list_listing(uri: str) -> pa.Table:
-    try:
-        data = storage.read_bytes(uri)
-    except storage.NotFound:
-        raise UserError(f"listing file not found: {uri}") from None
-    table = pq.read_table(io.BytesIO(data)) if uri.lower().endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
-    missing = {"uri", "label"} - set(table.column_names)
-    if missing:
-        raise UserError(f"listing {uri} needs columns uri,label; missing {', '.join(sorted(missing))} "
-                        f"(has {', '.join(table.column_names)})")
+def _labelled_listing(uri: str) -> pa.Table:
+    table = read_listing(uri, required=("uri", "label"))
     if table.num_rows == 0:
         raise UserError(f"listing {uri} is empty")
-    labels = table.column("label").to_pylist()
-    names = _label_names_from_ints(labels) if pa.types.is_integer(table.column("label").type) else [str(v) for v in labels]
-    n = table.num_rows
-    return pa.table({"source": [str(u) for u in table.column("uri").to_pylist()], "label_name": names,
-                     "size": pa.array([-1] * n, pa.int64()), "origin": [""] * n, "origin_sha256": [""] * n})
+    label = table.column("label")
+    if pa.types.is_integer(label.type):
+        names = [str(int(v)) for v in label.to_pylist()]
+    else:
+        names = [str(v) for v in label.to_pylist()]
+    return _source_table([str(u) for u in table.column("uri").to_pylist()], names)
 
 
 def _list_shard_set(root: str) -> pa.Table:
     m = read_manifest(root)
-    cols: dict[str, list] = {"source": [], "label_name": [], "size": [], "origin": [], "origin_sha256": []}
-    for shards_ in m.splits.values():
-        for s in shards_:
+    sources: list[str] = []
+    labels: list[str] = []
+    origins: list[str] = []
+    shas: list[str] = []
+    for shards in m.splits.values():
+        for s in shards:
             uri = shard_uri(m.root, s["path"])
             t = read_shard(uri, s["sha256"], columns=["source", "label"])
-            for i, (src, lab) in enumerate(zip(t.column("source").to_pylist(), t.column("label").to_pylist())):
-                cols["source"].append(src)
-                cols["label_name"].append(m.classes[lab])
-                cols["size"].append(-1)
-                cols["origin"].append(f"{uri}#{i}")
-                cols["origin_sha256"].append(s["sha256"])
-    return pa.table(cols)
+            sources += t.column("source").to_pylist()
+            labels += [m.classes[lab] for lab in t.column("label").to_pylist()]
+            origins += [f"{uri}#{i}" for i in range(t.num_rows)]
+            shas += [s["sha256"]] * t.num_rows
+    return _source_table(sources, labels, origins=origins, shas=shas)
 
 
-LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+# ----------------------------------------------------------------- predict's input
 
 
 def read_input(src: str) -> tuple[pa.Table, Manifest | None, str | None]:
-    """Input -> (listing uri,size,version,truth), manifest and split for ``MANIFEST:split``."""
-    base, _, split = src.rpartition(":")
-    if base and split and "/" not in split and base not in ("s3", "file"):
-        m = read_manifest(base)
-        m.check_split(split)
-        return pa.table({"uri": pa.array([], pa.string())}), m, split
-    low = src.lower()
-    if low.endswith((".csv", ".parquet")) and not storage.isdir(src):
-        try:
-            data = storage.read_bytes(src)
-        except storage.NotFound:
-            raise UserError(f"input listing not found: {src}") from None
-        t = pq.read_table(io.BytesIO(data)) if low.endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
-        if "uri" not in t.column_names:
-            raise UserError(f"input listing {src} needs a 'uri' column (has {', '.join(t.column_names)})")
-        n = t.num_rows
-        size = t.column("size") if "size" in t.column_names else pa.array([-1] * n, pa.int64())
-        version = t.column("version") if "version" in t.column_names else pa.array([""] * n, pa.string())
-        listing = pa.table({"uri": t.column("uri").cast(pa.string()), "size": size.cast(pa.int64()),
-                            "version": version.cast(pa.string())})
+    """``imgpipe predict``'s input: ``(listing, None, None)`` with a :data:`LISTING_SCHEMA`
+    listing, or ``(empty table, manifest, split)`` for ``DATASET:split``."""
+    source = parse(src)
+    if source.kind == "split":
+        m = read_manifest(source.uri)
+        m.check_split(source.split)
+        return pa.table({"uri": pa.array([], pa.string())}), m, source.split
+    if source.kind == "listing":
+        listing = _input_listing(read_listing(src, required=("uri",)))
+    elif source.kind == "shards":
+        raise UserError(f"no images found in {src}: it is a packed dataset; name one split, "
+                        f"e.g. {src}:test (valid: {', '.join(read_manifest(src).splits)})")
+    elif not storage.exists(src):
+        raise UserError(f"input not found: {src}")
     else:
-        if not storage.exists(src):
-            raise UserError(f"input not found: {src}")
-        uris, sizes, versions = [], [], []
-        for f in storage.iter_files(src, IMAGE_SUFFIXES):
-            uris.append(f.uri)
-            sizes.append(f.size)
-            versions.append(f.version)
-        listing = pa.table({"uri": uris, "size": pa.array(sizes, pa.int64()), "version": versions},
-                           schema=LISTING_SCHEMA)
+        listing = _list_files(src)
     if listing.num_rows == 0:
         raise UserError(f"no images found in {src} (suffixes: {', '.join(IMAGE_SUFFIXES)})")
     return listing, None, None
+
+
+def _input_listing(t: pa.Table) -> pa.Table:
+    n = t.num_rows
+    size = t.column("size") if "size" in t.column_names else pa.array([-1] * n, pa.int64())
+    version = t.column("version") if "version" in t.column_names else pa.array([""] * n, pa.string())
+    return pa.table({"uri": t.column("uri").cast(pa.string()), "size": size.cast(pa.int64()),
+                     "version": version.cast(pa.string())})
+
+
+def _list_files(prefix: str) -> pa.Table:
+    uris, sizes, versions = [], [], []  # three flat lists: millions of FileInfo objects cost more
+    for f in storage.iter_files(prefix, IMAGE_SUFFIXES):
+        uris.append(f.uri)
+        sizes.append(f.size)
+        versions.append(f.version)
+    return pa.table({"uri": uris, "size": sizes, "version": versions}, schema=LISTING_SCHEMA)

@@ -1,8 +1,6 @@
-"""The dataset format: ``manifest.json`` + Parquet shards, and verified reads.
+"""The dataset format: ``manifest.json`` + Parquet shards, and verified reads of them.
 
-Datasets as Parquet shards + ``manifest.json``: packing them, reading them back.
-
-Layout (DESIGN.md contract)::
+Layout (written by :mod:`pipeline.data.packing`, described in ``docs/formats.md``)::
 
     DST/<split>/part-NNNNN.parquet   image_id (sha256 of bytes), image (encoded bytes),
                                      label int32, source (original URI)
@@ -13,8 +11,7 @@ Layout (DESIGN.md contract)::
 from __future__ import annotations
 
 import hashlib
-import io
-import logging
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,26 +21,22 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.names import MANIFEST
 
-log = logging.getLogger("imgpipe")
-
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 SHARD_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()),
                           ("label", pa.int32()), ("source", pa.string())])
 ERROR_SCHEMA = pa.schema([("source", pa.string()), ("image_id", pa.string()), ("error", pa.string())])
 
 
-
 class ShardIntegrityError(UserError):
     """A shard whose bytes disagree with the manifest's sha256."""
 
 
-# ----------------------------------------------------------------------- manifest
-
-
 @dataclass
 class Manifest:
+    """A committed dataset: its classes and, per split, its shards in order."""
+
     root: str  # URI of the dataset folder
     classes: list[str]
     splits: dict[str, list[dict[str, Any]]]  # split -> [{"path", "rows", "sha256"}]
@@ -70,8 +63,14 @@ def shard_uri(root: str, path: str) -> str:
 
 
 def manifest_root(uri: str) -> str:
+    """The dataset folder of ``uri`` (the folder itself or its manifest.json)."""
     uri = storage.normalize(uri)
     return uri[: -len(MANIFEST) - 1] if uri.endswith("/" + MANIFEST) else uri
+
+
+def is_dataset(uri: str) -> bool:
+    """Whether ``uri`` (a folder or its manifest.json) holds a committed dataset."""
+    return storage.exists(storage.join(manifest_root(uri), MANIFEST))
 
 
 def read_manifest(uri: str) -> Manifest:
@@ -81,8 +80,6 @@ def read_manifest(uri: str) -> Manifest:
         data = storage.read_bytes(storage.join(root, MANIFEST))
     except storage.NotFound:
         raise UserError(f"no dataset at {uri} (missing {MANIFEST}; run `imgpipe pack` first)") from None
-    import json
-
     raw = json.loads(data)
     if raw.get("format") != 1:
         raise UserError(f"{root}/{MANIFEST}: unsupported format {raw.get('format')!r}; valid: 1")
@@ -92,13 +89,13 @@ def read_manifest(uri: str) -> Manifest:
 
 def read_shard(uri: str, sha256: str | None = None, columns: list[str] | None = None) -> pa.Table:
     """Read one shard, refusing it if its sha256 disagrees with ``sha256``."""
-    data = storage.read_bytes(uri)
+    data = storage.read_bytes(uri)  # one GET: the bytes are both hashed and parsed
     if sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
             raise ShardIntegrityError(
                 f"shard {uri} is corrupt or was changed: sha256 {digest[:12]}... != manifest {sha256[:12]}...")
-    return pq.read_table(io.BytesIO(data), columns=columns)
+    return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
 def iter_split(manifest: Manifest, split: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
