@@ -43,7 +43,7 @@ def test_more_workers_than_cpus_fail_naming_the_keys(ray_local, monkeypatch):
 
 def test_one_worker_bigger_than_any_node_is_named(ray_local):
     cfg = small_config(train={"num_workers": 1, "cpus_per_worker": 3.0})
-    found = preflight.problems(preflight.train_request(cfg, _cpus(ray_local)), preflight._current())
+    found = preflight.problems(preflight.train_request(cfg, _cpus(ray_local)), preflight.current_capacity())
     assert any("one training worker (train.num_workers=1 x train.cpus_per_worker=3) needs a node "
                "with 3 CPUs; the largest node has 2 CPUs and 0 GPUs" in p for p in found), found
 
@@ -101,10 +101,36 @@ def test_autoscaling_cluster_waits_then_fails(ray_local, monkeypatch, caplog):
 
 def test_autoscaler_node_types_bound_the_wait(ray_local, monkeypatch):
     """Node types that can never give a GPU: fail at once, naming them."""
-    monkeypatch.setattr(preflight, "autoscaler", lambda: preflight.Autoscaler(
+    monkeypatch.setattr(preflight, "autoscaler", lambda joined=False: preflight.Autoscaler(
         {"CPU": 64.0, "GPU": 0.0}, [{"CPU": 8.0}], "cpu-worker (8 CPUs) x 0-8"))
     cfg = small_config(train={"use_gpu": True}, ray={"resource_wait_s": 60})
     t0 = time.monotonic()
     with pytest.raises(UserError, match=r"needs 2 GPUs .*the autoscaler can reach at most 0 GPUs \(node types: cpu-worker"):
         preflight.check(preflight.train_request(cfg, _cpus(ray_local)), "train", cfg)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_joined_cluster_may_autoscale_unless_told_not_to(monkeypatch):
+    monkeypatch.delenv("IMGPIPE_AUTOSCALING", raising=False)
+    auto = preflight.autoscaler(joined=True)  # ray.address / $RAY_ADDRESS: limits unknown
+    assert auto is not None and auto.limits == {} and auto.described == ""
+    monkeypatch.setenv("IMGPIPE_AUTOSCALING", "0")
+    assert preflight.autoscaler(joined=True) is None
+
+
+def test_the_wait_ends_once_the_request_fits_and_withdraws_its_placement_group(ray_local):
+    from ray.util import placement_group_table
+
+    cfg = small_config()
+    req = preflight.train_request(cfg, _cpus(ray_local))
+    t0 = time.monotonic()
+    preflight.wait_to_fit(req, "train", 30, ["(a problem the cluster has since outgrown)"])
+    assert time.monotonic() - t0 < 15
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        states = {g["state"] for g in placement_group_table().values()}
+        if states <= {"REMOVED"} and ray_local.available_resources().get("CPU", 0) == _cpus(ray_local):
+            break
+        time.sleep(0.2)
+    assert states <= {"REMOVED"}, states
+    assert ray_local.available_resources().get("CPU", 0) == _cpus(ray_local)

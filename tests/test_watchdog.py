@@ -36,15 +36,17 @@ def test_stall_without_ray_interrupts_a_blocking_wait(tmp_path):
 
 
 def test_stall_in_a_non_main_thread(tmp_path):
+    """No signal reaches a non-main thread: its loop calls check(), which raises once fired."""
     import threading
 
     box: list[BaseException] = []
 
     def work() -> None:
         try:
-            with Watchdog("side", str(tmp_path), timeout_s=0.5):
+            with Watchdog("side", str(tmp_path), timeout_s=0.5) as w:
                 for _ in range(200):  # 20 s of "work" that never reports progress
                     time.sleep(0.1)
+                    w.check()
         except BaseException as e:  # noqa: BLE001 - the test inspects it
             box.append(e)
 
@@ -53,6 +55,13 @@ def test_stall_in_a_non_main_thread(tmp_path):
     t.join(15)
     assert not t.is_alive() and len(box) == 1 and isinstance(box[0], JobFailed), box
     assert "side: no progress for 0.5s" in str(box[0])
+    assert threading.main_thread().is_alive()  # the main thread was not interrupted
+
+
+def test_check_is_quiet_until_fired(tmp_path):
+    with Watchdog("busy", str(tmp_path), timeout_s=30) as w:
+        w.check()
+    assert not w.fired and list(tmp_path.iterdir()) == []
 
 
 def _stuck(batch, flag):
@@ -96,7 +105,7 @@ def test_stalled_udf_trips_and_leaves_stacks(ray_local, tmp_path):
     assert "test_stalled_udf_trips_and_leaves_stacks" in text  # the driver's own stack
     assert "=== Ray workers of this job on this node ===" in text
     assert "task worker" in text and "pid " in text
-    if watchdog._py_spy():
+    if watchdog.py_spy_path():
         assert "_stuck" in text  # py-spy shows the stuck UDF inside the worker
     # the stuck task is released: its CPU comes back
     deadline = time.monotonic() + 15

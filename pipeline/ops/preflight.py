@@ -10,34 +10,46 @@ the cluster has 0``.
 
 Checked: total GPUs, total CPUs, that every single worker/actor fits on one node,
 and the object store. Totals, not what is free now: busy resources are Ray's normal
-queueing, not an impossible request.
+queueing, not an impossible request. The sizes come from
+:mod:`pipeline.ops.runtime`'s resource arithmetic, which the run itself uses.
 
-Autoscaling clusters (see :func:`autoscaler` for the detection; a local ``ray.init``
-has none): a request beyond what the autoscaler's node types can ever reach, where
-they are known, fails at once; otherwise the request is handed to the autoscaler
-(``ray.autoscaler.sdk.request_resources``) and the check waits up to
-``ray.resource_wait_s``, logging what it waits for every 10 s, then fails.
-``IMGPIPE_AUTOSCALING=1``/``0`` overrides the detection.
+Autoscaling clusters (see :func:`autoscaler`): a request beyond the autoscaler's known
+limits fails at once; otherwise the check asks the autoscaler for the request's
+bundles (``ray.autoscaler.sdk.request_resources``), holds a placement group of them,
+and waits up to ``ray.resource_wait_s`` for it to be placed, logging what it waits for
+every 10 s, then fails. Only public Ray APIs are used.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import ray
+from ray.autoscaler.sdk import request_resources
+from ray.util.placement_group import placement_group, remove_placement_group
+
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.ops.runtime import (
+    AUGMENT_ACTOR_CPUS,
+    EVAL_TASK_CPUS,
+    READ_TASK_CPUS,
+    cluster_address,
+    describe_cluster,
+    predict_resources,
+    train_resources,
+)
 
 log = logging.getLogger("imgpipe")
 
 PREFETCH_BATCHES = 4  # augmented/decoded batches each consumer may hold in the object store
 LOG_EVERY_S = 10.0  # progress lines while waiting for the autoscaler
+POLL_S = 1.0  # how often the wait looks at the cluster again
 
 
 @dataclass(frozen=True)
@@ -80,11 +92,12 @@ class Request:
         return [p.line() for p in self.parts] + self.notes
 
     def bundles(self) -> list[dict[str, float]]:
-        """One resource bundle per consumer (for the autoscaler)."""
+        """One resource bundle per consumer (for the autoscaler and the placement group;
+        a consumer that asks for nothing has none)."""
         out = []
         for p in self.parts:
-            b = {"CPU": p.cpu, **({"GPU": p.gpu} if p.gpu else {})}
-            out += [b] * p.count
+            b = {k: v for k, v in (("CPU", p.cpu), ("GPU", p.gpu)) if v}
+            out += [b] * p.count if b else []
         return out
 
 
@@ -96,13 +109,6 @@ def _store_note(key: str, batch: int, size: int, consumers: int) -> tuple[int, s
 
 def train_request(cfg: Config, cluster_cpus: float) -> Request:
     """What ``train.run`` asks for, sized by :func:`pipeline.ops.runtime.train_resources`."""
-    from pipeline.ops.runtime import (
-        AUGMENT_ACTOR_CPUS,
-        EVAL_TASK_CPUS,
-        READ_TASK_CPUS,
-        train_resources,
-    )
-
     t, a = cfg.train, cfg.augment
     res = train_resources(cfg, cluster_cpus)
     per_key = (f"train.cpus_per_worker={t.cpus_per_worker:g}" if t.cpus_per_worker is not None
@@ -127,8 +133,6 @@ def predict_request(cfg: Config, cluster_cpus: float, image_size: int | None = N
     """What ``predict.run`` asks for, sized by :func:`pipeline.ops.runtime.predict_resources`.
 
     ``image_size``: the model's input size (its meta); default ``data.image_size``."""
-    from pipeline.ops.runtime import READ_TASK_CPUS, predict_resources
-
     p = cfg.predict
     res = predict_resources(cfg, cluster_cpus)
     size = image_size or cfg.data.image_size
@@ -146,8 +150,6 @@ def predict_request(cfg: Config, cluster_cpus: float, image_size: int | None = N
 
 def pack_request(cfg: Config) -> Request:
     """What ``packing.pack`` asks for: shard-writing tasks (they return only summaries)."""
-    from pipeline.ops.runtime import READ_TASK_CPUS
-
     cpus = max(READ_TASK_CPUS, 0.5)
     return Request([Part(1, "pack task", cpus, cpu_key=f"1 pack task x {cpus:g} CPU")])
 
@@ -157,125 +159,50 @@ def pack_request(cfg: Config) -> Request:
 
 @dataclass
 class Capacity:
+    """What a request is held against: the cluster now, or at full scale."""
+
     totals: dict[str, float]  # resource -> amount
     nodes: list[dict[str, float]]  # resource shapes a single worker/actor can land on
     phrase: Callable[[str, float], str]  # how to say what is there: "the cluster has 0"
 
 
-@dataclass
-class Autoscaler:
-    limits: dict[str, float]  # the most each resource can reach at full scale (inf: unknown)
-    shapes: list[dict[str, float]]  # node types it can launch
-    described: str  # "gpu-worker (4 CPU, 1 GPU) x 0-10; ..." or "" when unknown
-
-
-def _current() -> Capacity:
-    import ray
-
+def current_capacity() -> Capacity:
+    """The cluster's totals and alive nodes now (``ray.cluster_resources``, ``ray.nodes``)."""
     nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
     totals = {k: float(v) for k, v in ray.cluster_resources().items()}
     return Capacity(totals, nodes, lambda unit, v: f"the cluster has {_amount(unit, v)}")
 
 
-def autoscaler() -> Autoscaler | None:
-    """The cluster's autoscaler, or None on a fixed cluster (a local ``ray.init`` has none).
+@dataclass
+class Autoscaler:
+    """What is known of a cluster's autoscaler."""
 
-    Detected from (1) the cluster config an autoscaler publishes in the GCS (scalable
-    node groups, with their shapes and limits: autoscaler v2, KubeRay v2, Anyscale), or
-    (2) named node types in the autoscaler's status, as ``ray status`` shows them
-    (cluster launcher and KubeRay with autoscaler v1 or v2; a cluster without one
-    reports only anonymous ``node_<id>`` types; limits unknown). ``IMGPIPE_AUTOSCALING``
-    ``=1``/``=0`` overrides the detection."""
+    limits: dict[str, float]  # the most each resource can reach at full scale (absent: unknown)
+    shapes: list[dict[str, float]]  # node types it can launch (empty: unknown)
+    described: str  # "gpu-worker (4 CPU, 1 GPU) x 0-10; ..." or "" when unknown
+
+    def full_scale(self, now: Capacity) -> Capacity:
+        """``now`` grown as far as the autoscaler can take it (unknown limits: unlimited)."""
+        totals = {k: max(now.totals.get(k, 0.0), self.limits.get(k, math.inf))
+                  for k in set(now.totals) | {"CPU", "GPU", "object_store_memory"}}
+        nodes = now.nodes + (self.shapes or [{"CPU": math.inf, "GPU": math.inf}])
+        where = f" (node types: {self.described})" if self.described else ""
+        return Capacity(totals, nodes,
+                        lambda unit, v: f"the autoscaler can reach at most {_amount(unit, v)}{where}")
+
+
+def autoscaler(joined: bool = False) -> Autoscaler | None:
+    """The cluster's autoscaler, or None when the cluster cannot grow.
+
+    Ray has no public API that says whether a cluster autoscales or which node types
+    it can launch, so: ``IMGPIPE_AUTOSCALING=1``/``=0`` decides when set; otherwise a
+    cluster this process ``joined`` (``ray.address`` or ``$RAY_ADDRESS``) may autoscale,
+    limits unknown (the placement group of the wait finds out whether it grows), and
+    a local instance started by this process never does."""
     env = os.environ.get("IMGPIPE_AUTOSCALING", "").strip()
-    if env == "0":
+    if env == "0" or (env != "1" and not joined):
         return None
-    found = _from_cluster_config()
-    if found is None:
-        types = _named_node_types()
-        if types:
-            found = Autoscaler({}, [], "node types " + ", ".join(types) + "; sizes unknown")
-    if found is None and env == "1":
-        found = Autoscaler({}, [], "")
-    return found
-
-
-def _from_cluster_config() -> Autoscaler | None:
-    try:
-        import ray._private.state as state
-
-        conf = state.state.get_cluster_config()
-    except Exception as e:  # noqa: BLE001 - an older/odd GCS: the other probes decide
-        log.debug("preflight: no autoscaler cluster config: %s", e)
-        return None
-    groups = [g for g in (conf.node_group_configs if conf else []) if g.resources and g.max_count != 0]
-    if not any(g.max_count == -1 or g.max_count > g.min_count for g in groups):
-        return None
-    limits: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}
-    for g in groups:
-        for k, v in g.resources.items():
-            limits[k] = limits.get(k, 0.0) + (math.inf if g.max_count == -1 else g.max_count * float(v))
-    for k, v in conf.max_resources.items():
-        limits[k] = min(limits.get(k, math.inf), float(v))
-    shapes = [{k: float(v) for k, v in g.resources.items()} for g in groups]
-    return Autoscaler(limits, shapes, "; ".join(_describe_group(g) for g in groups))
-
-
-_ANONYMOUS_TYPE = re.compile(r"node_[0-9a-f]+")  # the read-only provider's type per node
-
-
-def _named_node_types() -> list[str]:
-    return sorted(n for n in _autoscaler_status()[0] if n and not _ANONYMOUS_TYPE.fullmatch(n))
-
-
-def _autoscaler_status() -> tuple[set[str], dict[str, int]]:
-    """(node type names, {type: nodes being launched}) from the autoscaler's status:
-    v1 in the GCS KV, v2 through the GCS cluster status. Best effort."""
-    names: set[str] = set()
-    launching: dict[str, int] = {}
-    try:
-        from ray._private import ray_constants
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
-        for key in ("active_nodes", "idle_nodes"):
-            names.update(report.get(key) or {})
-        for name, n in (report.get("pending_launches") or {}).items():
-            names.add(name)
-            launching[name] = launching.get(name, 0) + int(n)
-        for node in report.get("pending_nodes") or []:  # [ip, type, status]
-            launching[node[1]] = launching.get(node[1], 0) + 1
-    except Exception as e:  # noqa: BLE001
-        log.debug("preflight: no v1 autoscaler status: %s", e)
-    try:
-        import ray
-        from ray.autoscaler.v2.sdk import get_cluster_status
-
-        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
-        names.update(n.ray_node_type_name for n in status.active_nodes + status.idle_nodes)
-        for req in status.pending_launches:
-            names.add(req.ray_node_type_name)
-            launching[req.ray_node_type_name] = launching.get(req.ray_node_type_name, 0) + req.count
-        for node in status.pending_nodes:
-            launching[node.ray_node_type_name] = launching.get(node.ray_node_type_name, 0) + 1
-    except Exception as e:  # noqa: BLE001
-        log.debug("preflight: no v2 cluster status: %s", e)
-    return names, launching
-
-
-def _describe_group(g) -> str:
-    shape = ", ".join(_amount(k, float(g.resources[k])) for k in ("CPU", "GPU") if k in g.resources)
-    most = "unlimited" if g.max_count == -1 else g.max_count
-    return f"{g.name or 'node'} ({shape}) x {g.min_count}-{most}"
-
-
-def _full_scale(now: Capacity, auto: Autoscaler) -> Capacity:
-    totals = {k: max(now.totals.get(k, 0.0), auto.limits.get(k, math.inf))
-              for k in set(now.totals) | {"CPU", "GPU", "object_store_memory"}}
-    nodes = now.nodes + auto.shapes if auto.shapes else now.nodes + [{"CPU": math.inf, "GPU": math.inf}]
-    where = f" (node types: {auto.described})" if auto.described else ""
-    return Capacity(totals, nodes,
-                    lambda unit, v: f"the autoscaler can reach at most {_amount(unit, v)}{where}")
+    return Autoscaler({}, [], "")
 
 
 # ------------------------------------------------------------------------ checking
@@ -329,53 +256,53 @@ def check(request: Request, what: str, cfg: Config) -> None:
     """Fail fast (``UserError``) if the cluster cannot run ``request``; on an autoscaling
     cluster wait up to ``cfg.ray.resource_wait_s`` for it to grow. ``what`` names the
     command in log lines ("train", "predict", "pack"). Ray must be initialised."""
-    now = _current()
+    now = current_capacity()
     found = problems(request, now)
     log.info("%s asks for %s CPU, %s GPU: %s", what, f"{request.cpu:g}", f"{request.gpu:g}",
              "; ".join(request.lines))
     if not found:
         return
-    auto = autoscaler()
+    auto = autoscaler(joined=cluster_address(cfg) is not None)
     if auto is None:
         raise UserError(found[0])
-    never = problems(request, _full_scale(now, auto))
+    never = problems(request, auto.full_scale(now))
     if never:
         raise UserError(never[0])
-    _wait(request, what, cfg.ray.resource_wait_s, found)
+    wait_to_fit(request, what, cfg.ray.resource_wait_s, found)
 
 
-def _request_resources(bundles: list[dict[str, float]]) -> None:
-    try:
-        from ray.autoscaler.sdk import request_resources
+def wait_to_fit(request: Request, what: str, wait_s: float, found: list[str]) -> None:
+    """Wait up to ``wait_s`` for the cluster to grow until ``request`` fits, or raise
+    ``UserError`` naming the first of ``found`` (its problems now).
 
-        request_resources(bundles=bundles)
-    except Exception as e:  # noqa: BLE001 - asking is best effort; the wait still bounds it
-        log.debug("preflight: request_resources failed: %s", e)
-
-
-def _wait(request: Request, what: str, wait_s: float, found: list[str],
-          clock: Callable[[], float] = time.monotonic) -> None:
-    _request_resources(request.bundles())
-    start = clock()
-    last_log = -math.inf
+    The autoscaler is asked for the request's bundles at once (``request_resources``,
+    past its usual upscaling speed), and a placement group of them stands as the demand
+    it serves; the group is placed once every consumer fits. Both are withdrawn on the
+    way out: the run's own tasks and actors keep the demand from then on."""
+    bundles = request.bundles()
+    request_resources(bundles=bundles)
+    group = placement_group(bundles, strategy="PACK")  # soft: the bundles may span nodes
+    placed = group.ready()
+    start = time.monotonic()
+    next_log = start
     try:
         while True:
-            left = wait_s - (clock() - start)
-            if clock() - last_log >= LOG_EVERY_S:
-                launching = _autoscaler_status()[1]
-                doing = (", ".join(f"{n} x {t}" for t, n in sorted(launching.items()))
-                         if launching else "no nodes yet")
+            left = wait_s - (time.monotonic() - start)
+            if time.monotonic() >= next_log:
                 log.warning("%s: waiting for the autoscaler (%.0fs left of ray.resource_wait_s=%g; "
-                            "launching: %s): %s", what, max(0.0, left), wait_s, doing, "; ".join(found))
-                last_log = clock()
+                            "cluster now: %s): %s", what, max(0.0, left), wait_s, describe_cluster(),
+                            "; ".join(found))
+                next_log = time.monotonic() + LOG_EVERY_S
             if left <= 0:
                 raise UserError(f"{found[0]} after waiting {wait_s:g}s for the autoscaler "
                                 f"(ray.resource_wait_s)")
-            time.sleep(min(1.0, left))
-            found = problems(request, _current())
+            ready, _ = ray.wait([placed], timeout=min(POLL_S, left))
+            found = problems(request, current_capacity())
             if not found:
-                log.warning("%s: the cluster has grown enough after %.0fs", what, clock() - start)
+                log.warning("%s: the cluster has grown enough after %.0fs", what, time.monotonic() - start)
                 return
+            if ready:  # CPUs and GPUs fit; the object store does not yet
+                time.sleep(min(POLL_S, left))
     finally:
-        _request_resources([])  # the run's own tasks and actors keep the demand from here on
-
+        remove_placement_group(group)
+        request_resources(bundles=[])

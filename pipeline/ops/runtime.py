@@ -1,10 +1,11 @@
 """Ray runtime: starting or joining Ray, keeping its chatter down, sizing resources.
 
 Owns the one call to ``ray.init`` (local instance by default, ``ray.address`` or
-``RAY_ADDRESS`` to join a cluster) and the CPU arithmetic that keeps Ray Data from
-starving when Ray Train workers hold CPUs on a small machine (see DESIGN.md,
-"Ray on small machines"): training workers take what is left after a reserve for
-data tasks, as fractional logical CPUs.
+``RAY_ADDRESS`` to join a cluster: :func:`cluster_address`) and the CPU arithmetic that
+keeps Ray Data from starving when Ray Train workers hold CPUs on a small machine:
+training workers take what is left after a reserve for data tasks, as fractional
+logical CPUs. :mod:`pipeline.ops.preflight` builds on this arithmetic; nothing here
+depends on it.
 """
 
 from __future__ import annotations
@@ -14,22 +15,28 @@ import math
 import os
 from dataclasses import dataclass
 
+import ray
+
 from pipeline.config import Config
 
 log = logging.getLogger("imgpipe")
 
 
+def cluster_address(cfg: Config) -> str | None:
+    """The cluster this process joins (``ray.address``, else ``$RAY_ADDRESS``); None: it
+    starts a local instance of its own."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def ensure_ray(cfg: Config, quiet: bool = False) -> None:
     """Start a local Ray instance, or join ``cfg.ray.address`` / ``$RAY_ADDRESS``."""
-    import ray
-
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Keep the driver's console for our progress; Ray's INFO chatter only with --verbose.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1" if quiet else "0")
     level = logging.INFO if cfg.ray.verbose else logging.ERROR
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     # Worker and actor output (Ray Train's banners, Ray Data's per-rank logs) only with
     # --verbose: imgpipe prints its own progress on the driver.
     kwargs = dict(logging_level=level, log_to_driver=cfg.ray.verbose, configure_logging=True)
@@ -38,13 +45,15 @@ def ensure_ray(cfg: Config, quiet: bool = False) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
     else:
+        # No dashboard: it costs seconds of CPU at start on a 2-core machine; stall dumps
+        # then find workers in the process table (watchdog.child_workers).
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
     _quiet_ray_data(quiet, cfg.ray.verbose)
-    log.info("ray: %s", _describe_cluster())
+    log.info("ray: %s", describe_cluster())
 
 
 def _quiet_ray_data(quiet: bool, verbose: bool) -> None:
-    import ray.data
+    import ray.data  # deferred: ~2 s to import; modules that only size resources need none of it
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
@@ -56,11 +65,11 @@ def _quiet_ray_data(quiet: bool, verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _describe_cluster() -> str:
-    import ray
-
+def describe_cluster() -> str:
+    """``"2 node(s), 8 CPU, 1 GPU"``: what the cluster has now (Ray must be initialised)."""
     res = ray.cluster_resources()
-    return f"{len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return f"{alive} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
 
 
 # Logical CPUs of Ray Data work. Reads are I/O bound: a quarter CPU lets one run beside
@@ -73,6 +82,8 @@ AUGMENT_ACTOR_CPUS = 1.0
 
 @dataclass(frozen=True)
 class TrainResources:
+    """How :func:`train_resources` splits the cluster."""
+
     cpus_per_worker: float  # logical CPUs each Ray Train worker holds
     data_cpus: float  # logical CPUs left for Ray Data (decode + augment actors, reads)
     gpus_per_worker: float
@@ -100,6 +111,8 @@ def train_resources(cfg: Config, cluster_cpus: float) -> TrainResources:
 
 @dataclass(frozen=True)
 class PredictResources:
+    """How :func:`predict_resources` sizes the inference actor pools."""
+
     decode_cpus: float  # logical CPUs per decode actor
     model_cpus: float  # logical CPUs per model actor
     model_threads: int  # torch intra-op threads in a CPU model actor

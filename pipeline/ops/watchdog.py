@@ -2,13 +2,14 @@
 
 The driver calls :meth:`Watchdog.beat` whenever rows or batches move. When nothing
 has moved for ``timeout_s`` (``ray.stall_timeout_s``), a daemon thread writes the
-stacks of every driver thread and of this job's Ray workers on this node
-(``py-spy dump`` per worker pid when py-spy is on PATH or beside the interpreter;
-otherwise the pid table and a note) to ``<dump_dir>/stall-<UTC time>.txt`` through
-:mod:`pipeline.storage`, then interrupts the thread that entered the ``with`` block
-(a SIGINT to the main thread, so blocking waits such as ``ray.get`` wake up; Ray
-Train's own SIGINT handler then aborts its run gracefully). Leaving the block after
-a stall raises ``JobFailed`` (exit 1) naming the dump::
+stacks of every driver thread and of this job's busy Ray workers on this node (found
+through Ray's state API, ``ray.util.state``, which the Ray dashboard serves; ``py-spy
+dump`` per worker pid when py-spy is on PATH or beside the interpreter, otherwise the
+pid table and a note) to ``<dump_dir>/stall-<UTC time>.txt`` through
+:mod:`pipeline.storage`, then interrupts the main thread with a SIGINT
+(``signal.pthread_kill``, so blocking waits such as ``ray.get`` wake up) that the
+watchdog's own handler turns into :class:`Stalled`. Leaving the block after a stall
+raises ``JobFailed`` (exit 1) naming the dump::
 
     with Watchdog("train", run_uri, cfg.ray.stall_timeout_s) as dog:
         for batch in ds.iter_batches():
@@ -16,11 +17,13 @@ a stall raises ``JobFailed`` (exit 1) naming the dump::
             dog.beat()
 
 Checks run every ``min(1, timeout_s / 10)`` s; nothing fires after the block exits.
+Python can interrupt only the main thread from outside: a block entered in another
+thread gets :class:`Stalled` at its next :meth:`Watchdog.check` (and ``JobFailed`` on
+leaving the block), so loops there call ``check()`` between units of work.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import logging
 import os
@@ -36,6 +39,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import psutil
+import ray
+
+from pipeline import storage
 from pipeline.errors import JobFailed
 
 log = logging.getLogger("imgpipe")
@@ -43,6 +50,7 @@ log = logging.getLogger("imgpipe")
 T = TypeVar("T")
 
 PY_SPY_TIMEOUT_S = 10.0  # per worker
+LIST_TIMEOUT_S = 10  # per state API listing (actors, tasks)
 MAX_WORKERS_DUMPED = 32
 RESEND_EVERY_S = 15.0  # interrupt again if the first one was swallowed
 
@@ -81,6 +89,12 @@ class Watchdog:
     @property
     def fired(self) -> bool:
         return self._fired
+
+    def check(self) -> None:
+        """Raise :class:`Stalled` once the watchdog has fired. The main thread gets it
+        from a signal; a watched thread of any other kind must call this."""
+        if self._fired and not self._closing:
+            raise Stalled(self.what)
 
     def __enter__(self) -> Watchdog:
         self._target = threading.get_ident()
@@ -153,17 +167,10 @@ class Watchdog:
             return
 
     def _interrupt(self) -> None:
-        target = self._target
-        if target is None:
-            return
-        if self._installed:
-            signal.pthread_kill(target, signal.SIGINT)  # wakes blocking waits, unlike interrupt_main
-        else:  # not the main thread: an asynchronous exception at its next bytecode
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(Stalled))
+        if self._installed and self._target is not None:  # the main thread: _on_sigint raises Stalled
+            signal.pthread_kill(self._target, signal.SIGINT)  # wakes blocking waits, unlike interrupt_main
 
     def _dump(self, idle: float) -> str:
-        from pipeline import storage
-
         now = dt.datetime.now(dt.timezone.utc)
         head = [f"imgpipe stall dump: {self.what}",
                 f"time: {now.isoformat()}",
@@ -217,27 +224,45 @@ def _with_timeout(fn: Callable[[], T], seconds: float, default: T) -> T:
         raise value
     return value
 
-def _job_workers() -> list[tuple[int, str]]:
-    """(pid, description) of this job's live Ray worker processes on this node."""
-    import ray
-    import ray._private.state as state
-    from ray.core.generated import common_pb2, gcs_pb2
+
+def job_workers() -> list[tuple[int, str]]:
+    """(pid, what it runs) of this job's busy Ray workers on this node: its alive actors
+    and the workers of its running tasks, from Ray's state API."""
+    # deferred: ~0.8 s to import (the dashboard's client), and only a stall dump lists workers
+    from ray.util import state
 
     ctx = ray.get_runtime_context()
-    node, job = ctx.get_node_id(), ctx.get_job_id()
-    actors = {a["Pid"]: a["ActorClassName"] for a in state.actors().values() if a.get("State") == "ALIVE"}
+    mine = [("job_id", "=", ctx.get_job_id()), ("node_id", "=", ctx.get_node_id())]
+    # the GCS address names this cluster even when other Ray instances run on the machine
+    opts: dict[str, Any] = dict(address=ctx.gcs_address, timeout=LIST_TIMEOUT_S, raise_on_missing_output=False)
+    kinds = {a.pid: f"actor {a.class_name}"
+             for a in state.list_actors(filters=mine + [("state", "=", "ALIVE")], **opts) if a.pid}
+    running: dict[int, list[str]] = {}
+    for t in state.list_tasks(filters=mine + [("state", "=", "RUNNING")], **opts):
+        if t.worker_pid:
+            running.setdefault(t.worker_pid, []).append(t.name)
+            kinds.setdefault(t.worker_pid, "task worker")
+    return sorted((pid, kind + (f" running {', '.join(sorted(running[pid]))}" if pid in running else ""))
+                  for pid, kind in kinds.items())
+
+
+def child_workers() -> list[tuple[int, str]]:
+    """(pid, process title) of the Ray workers a local instance started from this process:
+    descendants whose title Ray set to ``ray::<task or actor>`` (idle ones excluded)."""
     found = []
-    for raw in state.state._connect_and_get_accessor().get_worker_table():
-        w = gcs_pb2.WorkerTableData.FromString(raw)
-        if not w.is_alive or w.worker_type != common_pb2.WORKER:
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:  # exited meanwhile
             continue
-        if w.worker_address.node_id.hex() != node or (w.job_id and w.job_id.hex() != job):
-            continue
-        found.append((w.pid, f"actor {actors[w.pid]}" if w.pid in actors else "task worker"))
-    return sorted(set(found))
+        if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+            kind = "actor" if "." in title.split()[0] else "task worker"  # ray::Class.method
+            found.append((proc.pid, f"{kind} {title.strip()}"))
+    return sorted(found)
 
 
-def _py_spy() -> str | None:
+def py_spy_path() -> str | None:
+    """The py-spy executable: on PATH or beside the interpreter; None when absent."""
     here = os.path.join(os.path.dirname(sys.executable), "py-spy")
     return shutil.which("py-spy") or (here if os.access(here, os.X_OK) else None)
 
@@ -256,20 +281,21 @@ def _spy(exe: str, pid: int) -> str:
 def worker_stacks() -> str:
     """Stacks of this job's Ray workers on this node (py-spy), or their pid table."""
     out = ["=== Ray workers of this job on this node ==="]
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():  # never start a Ray instance from here
+    if not ray.is_initialized():  # never start a Ray instance from here
         return "\n".join(out + ["(Ray is not initialised in this process)"])
     try:
-        workers = _with_timeout(_job_workers, 15.0, None)
-    except Exception as e:  # noqa: BLE001
-        return "\n".join(out + [f"(could not list workers: {e})"])
+        workers = _with_timeout(job_workers, 3 * LIST_TIMEOUT_S, None)
+    except Exception as e:  # noqa: BLE001 - no dashboard (local runs start none): the process table
+        out.append(f"(Ray's state API, served by the dashboard, is unavailable: {type(e).__name__}; "
+                   "workers below are this driver's child processes titled ray::...)")
+        workers = child_workers()
     if workers is None:
         return "\n".join(out + ["(listing workers timed out: is the GCS reachable?)"])
     if not workers:
-        return "\n".join(out + ["(none alive)"])
+        return "\n".join(out + ["(none busy: no alive actor, no running task)"])
     for pid, desc in workers:
         out.append(f"pid {pid}: {desc}")
-    exe = _py_spy()
+    exe = py_spy_path()
     if exe is None:
         out.append("(py-spy not found: `pip install py-spy` for the workers' Python stacks)")
         return "\n".join(out)
