@@ -1,6 +1,6 @@
 """train: end-to-end training. imgpipe's Ray Train run vs a plain PyTorch script.
 
-Ours: :func:`pipeline.training.train.run` on packed shards: Ray Data (shard read -> augment actor
+Ours: :func:`pipeline.training.driver.run` on packed shards: Ray Data (shard read -> augment actor
 pool) -> Ray Train ``TorchTrainer`` workers, per-epoch validation and checkpoint, then
 the test evaluation and the run report, on a local Ray instance of ``--cpus`` CPUs.
 ``--workers`` Ray Train workers (default 1: one training process, like the baseline;
@@ -181,10 +181,10 @@ def work(side: str, args, state: dict):
         stats = {"workdir": args.workdir}
         n = baseline_train(state["splits"], config.load(None, shared), args.cpus, args.gpu, stats)
         return n, {"steady": stats["steady"], "test_accuracy": stats["test_accuracy"]}
-    from pipeline.training import train
+    from pipeline.training import driver, progress
 
-    s = train.run(config.load(None, [*ours, f"train.run_name=bench-{time.time_ns()}"]), quiet=True)
-    history = train._read_history(s["run_uri"])
+    s = driver.run(config.load(None, [*ours, f"train.run_name=bench-{time.time_ns()}"]), quiet=True)
+    history = progress.read_history(s["run_uri"])
     return sum(h["train_images"] for h in history), {"steady": s["train_images_per_second"],
                                                      "test_accuracy": s["test_accuracy"]}
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline import storage
 from pipeline.errors import UserError
 
 
@@ -102,6 +103,9 @@ class TrainConfig:
     channels_last: bool = True  # on GPU
     compile: bool = False  # torch.compile on GPU
     torch_threads: int = 1  # intra-op threads per worker on CPU (workers share cores)
+    # 'package.module:Class[?key=value&...]' entries built in every training worker and
+    # called after each step and checkpoint (see pipeline.training.callbacks); tests use it
+    callbacks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -266,8 +270,6 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
     """Read YAML at ``path`` (a URI), apply ``overrides``, validate."""
     data: dict[str, Any] = dict(base or {})
     if path:
-        from pipeline import storage
-
         try:
             text = storage.read_text(path)
         except storage.NotFound:
@@ -323,9 +325,7 @@ def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def storage_options(cfg: Config):
+def storage_options(cfg: Config) -> storage.StorageOptions:
     """The :class:`pipeline.storage.StorageOptions` this config asks for."""
-    from pipeline.storage import StorageOptions
-
-    return StorageOptions(endpoint_url=cfg.storage.s3.endpoint_url, anon=cfg.storage.s3.anon,
-                          retries=cfg.storage.retries, backoff_s=cfg.storage.backoff_s)
+    return storage.StorageOptions(endpoint_url=cfg.storage.s3.endpoint_url, anon=cfg.storage.s3.anon,
+                                  retries=cfg.storage.retries, backoff_s=cfg.storage.backoff_s)

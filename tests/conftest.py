@@ -105,13 +105,16 @@ def packed(digits_dir, ray_local, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(packed, tmp_path_factory):
-    """One short training run on ``packed`` (2 DDP workers on 2 CPUs), with id traces."""
-    from pipeline.training import train
+    """One short training run on ``packed`` (2 DDP workers on 2 CPUs), with id traces
+    (the :class:`tests.train_callbacks.TraceIds` callback)."""
+    from pipeline.training import driver
+    from tests.train_callbacks import trace_ids
 
     runs = tmp_path_factory.mktemp("runs")
     trace = tmp_path_factory.mktemp("trace")
-    cfg = small_config(data={"manifest": packed}, train={"storage": str(runs), "run_name": "t1"})
-    summary = train.run(cfg, quiet=True, trace_ids_dir=str(trace))
+    cfg = small_config(data={"manifest": packed},
+                       train={"storage": str(runs), "run_name": "t1", "callbacks": [trace_ids(str(trace))]})
+    summary = driver.run(cfg, quiet=True)
     summary["trace_dir"] = str(trace)
     summary["config"] = cfg
     return summary

@@ -27,11 +27,12 @@ import time
 
 import pytest
 
-from pipeline import storage
+from pipeline import names, storage
 from pipeline.data import packing, shardset
 from pipeline.models import artifact
-from pipeline.training import train
+from pipeline.training import driver
 from tests.conftest import small_config
+from tests.train_callbacks import trace_ids
 
 NODE_CPUS = 3  # logical CPUs of every node (head, second, replacement)
 WORKER_CPUS = 1.6  # per training worker: two never fit on one node, one leaves 1.4 for Ray Data
@@ -166,7 +167,7 @@ class Chaos:
         epoch = self._registered_epoch()
         if epoch is None:
             return
-        self.metrics_at_kill = storage.read_text(storage.join(self.run_uri, train.METRICS))
+        self.metrics_at_kill = storage.read_text(storage.join(self.run_uri, names.METRICS))
         self.pg_at_kill = pgs
         self.killed_at_epoch = epoch
         self.times["kill"] = time.monotonic()
@@ -197,10 +198,12 @@ def test_two_nodes_lose_one_mid_run_and_recover(two_nodes, digits_dir, s3_bucket
     (second,) = cluster.worker_nodes
     second_id = second.node_id
 
+    trace = tmp_path / "trace"  # a local folder is shared storage here: every node is this machine
+    trace.mkdir()
     cfg = small_config(
         data={"manifest": s3_bucket + "/shards"},
         train={"storage": s3_bucket + "/runs", "run_name": "mn", "epochs": EPOCHS,
-               "cpus_per_worker": WORKER_CPUS, "max_failures": 1},
+               "cpus_per_worker": WORKER_CPUS, "max_failures": 1, "callbacks": [trace_ids(str(trace))]},
         storage={"s3": {"endpoint_url": s3_server}},
         ray={"address": cluster.address, "num_cpus": None, "stall_timeout_s": 240})
     t_pack = time.monotonic()
@@ -209,11 +212,9 @@ def test_two_nodes_lose_one_mid_run_and_recover(two_nodes, digits_dir, s3_bucket
     manifest = shardset.read_manifest(cfg.data.manifest)
     run_uri = storage.join(cfg.train.storage, "mn")
 
-    trace = tmp_path / "trace"  # a local folder is shared storage here: every node is this machine
-    trace.mkdir()
     chaos = Chaos(cluster, second, run_uri)
     t0 = time.monotonic()
-    runner, box = _in_thread(train.run, cfg, quiet=True, trace_ids_dir=str(trace))
+    runner, box = _in_thread(driver.run, cfg, quiet=True)
     while runner.is_alive():
         chaos.poll()
         runner.join(0.25)
@@ -240,7 +241,7 @@ def test_two_nodes_lose_one_mid_run_and_recover(two_nodes, digits_dir, s3_bucket
 
     # the run finished with every epoch once, continuing from the checkpoint on S3
     assert out["epochs"] == EPOCHS and out["final"]["epoch"] == EPOCHS
-    hist = [json.loads(x) for x in storage.read_text(storage.join(run_uri, train.METRICS)).splitlines()]
+    hist = [json.loads(x) for x in storage.read_text(storage.join(run_uri, names.METRICS)).splitlines()]
     assert [h["epoch"] for h in hist] == list(range(1, EPOCHS + 1))
     steps = hist[0]["step"]
     assert [h["step"] for h in hist] == [steps * e for e in range(1, EPOCHS + 1)]

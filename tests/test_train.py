@@ -9,12 +9,13 @@ import pytest
 
 from pipeline import storage
 from pipeline.config import load
-from pipeline.data import shardset
+from pipeline.data import shardset, stream
 from pipeline.errors import UserError
 from pipeline.models import artifact
 from pipeline.ops.runtime import train_resources
-from pipeline.training import train
+from pipeline.training import callbacks, driver
 from tests.conftest import small_config
+from tests.train_callbacks import CrashOnce, TraceIds, crash_once, trace_ids
 
 
 def _train_ids(packed) -> collections.Counter:
@@ -74,7 +75,7 @@ def test_checkpoint_is_a_model_artifact(trained):
 def test_rerun_same_name_resumes(trained):
     cfg = trained["config"]
     cfg.train.epochs = 3
-    again = train.run(cfg, quiet=True)
+    again = driver.run(cfg, quiet=True)
     hist = [json.loads(x) for x in open(os.path.join(again["run_uri"], "metrics.jsonl"))]
     assert [h["epoch"] for h in hist] == [1, 2, 3]  # epochs 1-2 restored, only 3 trained
     assert again["run_uri"] == trained["run_uri"]
@@ -82,14 +83,14 @@ def test_rerun_same_name_resumes(trained):
 
 def test_missing_manifest_is_user_error(tmp_path):
     with pytest.raises(UserError, match="data.manifest is not set"):
-        train.run(small_config(), quiet=True)
+        driver.run(small_config(), quiet=True)
     with pytest.raises(UserError, match="no dataset at"):
-        train.run(small_config(data={"manifest": str(tmp_path)}), quiet=True)
+        driver.run(small_config(data={"manifest": str(tmp_path)}), quiet=True)
 
 
 def test_unknown_arch_lists_choices(packed):
     with pytest.raises(UserError, match="unknown model.arch 'resnet9000'; valid: smallcnn, alexnet"):
-        train.run(small_config(data={"manifest": packed}, model={"arch": "resnet9000"}), quiet=True)
+        driver.run(small_config(data={"manifest": packed}, model={"arch": "resnet9000"}), quiet=True)
 
 
 def test_train_on_s3(packed, s3_bucket, s3_server, tmp_path):
@@ -99,7 +100,7 @@ def test_train_on_s3(packed, s3_bucket, s3_server, tmp_path):
     cfg = small_config(data={"manifest": s3_bucket + "/shards"},
                        train={"storage": s3_bucket + "/runs", "run_name": "s3run", "epochs": 1},
                        storage={"s3": {"endpoint_url": s3_server}})
-    out = train.run(cfg, quiet=True)
+    out = driver.run(cfg, quiet=True)
     assert out["best_checkpoint_uri"].startswith(s3_bucket + "/runs/s3run/checkpoint_")
     art = artifact.load(out["best_checkpoint_uri"])
     assert art.meta["epoch"] == 1
@@ -118,14 +119,13 @@ def test_worker_killed_mid_epoch_resumes_data_exactly(packed, tmp_path):
     that restarted the epoch's data would repeat the images of the checkpointed steps."""
     trace = tmp_path / "trace"
     trace.mkdir()
-    cfg = small_config(data={"manifest": packed}, train={"storage": str(tmp_path), "run_name": "ft",
-                                                         "epochs": 2, "max_failures": 1,
-                                                         "checkpoint_every_steps": 2})
     marker = tmp_path / "crashed"
     # 140 train images, 2 ranks x batch 16: epoch 2 is steps 6-10; checkpoints at 6 and 8;
-    # rank 1 dies before its 4th batch of epoch 2 (step 9), after the step-8 checkpoint
-    out = train.run(cfg, quiet=True, trace_ids_dir=str(trace),
-                    crash_once={"rank": 1, "epoch": 1, "batch": 3, "marker": str(marker), "wait_s": 5.0})
+    # rank 1 dies at its 4th batch of epoch 2 (step 9), after the step-8 checkpoint
+    cfg = small_config(data={"manifest": packed}, train={
+        "storage": str(tmp_path), "run_name": "ft", "epochs": 2, "max_failures": 1, "checkpoint_every_steps": 2,
+        "callbacks": [trace_ids(str(trace)), crash_once(rank=1, epoch=1, batch=3, marker=str(marker), wait_s=5.0)]})
+    out = driver.run(cfg, quiet=True)
     assert marker.exists(), "the fault was not injected"
     hist = [json.loads(x) for x in open(os.path.join(out["run_uri"], "metrics.jsonl"))]
     assert [h["epoch"] for h in hist] == [1, 2]
@@ -145,11 +145,12 @@ def test_worker_killed_mid_epoch_resumes_data_exactly(packed, tmp_path):
 def test_augment_in_worker(packed, tmp_path):
     """augment.device=worker: the training workers decode and augment (the code path of
     augment.device=cuda, on CPU); no augment actor pool."""
-    cfg = small_config(data={"manifest": packed}, augment={"device": "worker"},
-                       train={"storage": str(tmp_path), "run_name": "w", "epochs": 1})
     trace = tmp_path / "trace"
     trace.mkdir()
-    out = train.run(cfg, quiet=True, trace_ids_dir=str(trace))
+    cfg = small_config(data={"manifest": packed}, augment={"device": "worker"},
+                       train={"storage": str(tmp_path), "run_name": "w", "epochs": 1,
+                              "callbacks": [trace_ids(str(trace))]})
+    out = driver.run(cfg, quiet=True)
     seen = collections.Counter()
     for rank in (0, 1):
         seen.update(open(trace / f"rank{rank}-epoch0.txt").read().split())
@@ -161,7 +162,40 @@ def test_augment_in_worker(packed, tmp_path):
 def test_failures_beyond_max_exit_1(packed, tmp_path):
     from pipeline.errors import JobFailed
 
+    crash = crash_once(rank=0, epoch=1, batch=0, marker=str(tmp_path / "m"))
     cfg = small_config(data={"manifest": packed}, train={"storage": str(tmp_path), "run_name": "ft0",
-                                                         "epochs": 2, "max_failures": 0})
+                                                         "epochs": 2, "max_failures": 0, "callbacks": [crash]})
     with pytest.raises(JobFailed, match="training run ft0 failed"):
-        train.run(cfg, quiet=True, crash_once={"rank": 0, "epoch": 1, "batch": 0, "marker": str(tmp_path / "m")})
+        driver.run(cfg, quiet=True)
+
+
+def test_callback_entries_are_built_with_yaml_parameters(tmp_path):
+    """``train.callbacks``: 'module:Class?key=value' -> Class(**params), values parsed as YAML."""
+    built = callbacks.load([trace_ids(str(tmp_path)), crash_once(rank=1, epoch=2, batch=3, marker="m", wait_s=0.5)])
+    trace, crash = built.items
+    assert isinstance(trace, TraceIds) and trace.folder == str(tmp_path)
+    assert isinstance(crash, CrashOnce) and (crash.rank, crash.epoch, crash.batch, crash.wait_s) == (1, 2, 3, 0.5)
+    trace.on_step(0, 1, {"image_id": ["a", "b"]})
+    built.on_checkpoint(0, 1)
+    assert (tmp_path / "rank0-epoch1.txt").read_text() == "a\nb\n"
+    assert isinstance(callbacks.build("pipeline.training.callbacks:Callback"), callbacks.Callback)
+    for bad, match in [("nocolon", "must be"), ("tests.nope:X", "No module"),
+                       ("tests.train_callbacks:Nope", "has no attribute"),
+                       (trace_ids("d") + "&extra=1", "unexpected keyword")]:
+        with pytest.raises(UserError, match=match):
+            callbacks.build(bad)
+
+
+def test_bad_callback_fails_before_training(packed):
+    with pytest.raises(UserError, match="train.callbacks entry"):
+        driver.run(small_config(data={"manifest": packed}, train={"callbacks": ["tests.nope:X"]}), quiet=True)
+
+
+def test_consumed_rows_bitmap():
+    """Rows gathered from the ranks fold into one bitmap; the readers keep the others."""
+    import numpy as np
+
+    bits = stream.mark_consumed(10, None, [np.array([0, 3]), np.array([9])])
+    bits = stream.mark_consumed(10, bits, [np.array([4]), np.empty(0, dtype=np.int64)])
+    assert stream.unconsumed(bits, 10, np.arange(10)).tolist() == [i not in (0, 3, 4, 9) for i in range(10)]
+    assert stream.unconsumed(bits, 10, np.array([9, 1])).tolist() == [False, True]

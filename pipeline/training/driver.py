@@ -1,0 +1,232 @@
+"""``imgpipe train`` on the driver: :func:`run` checks the inputs, builds the Ray Data
+streams, runs a Ray Train ``TorchTrainer`` (DDP workers running
+:func:`pipeline.training.loop.train_loop`), follows its progress, then scores the best
+checkpoint on the test split and writes the report.
+
+Data: shards -> the training stream (:mod:`pipeline.data.stream`: per-epoch shard and
+row order from ``(seed, epoch)``, rows consumed before a mid-epoch restart skipped) ->
+decode + augment in an actor pool (or, with ``augment.device`` cuda/worker, in the
+training worker) -> ``streaming_split`` across ranks. Val goes through the one eval
+transform (:class:`pipeline.transforms.EvalTransform`), once, when it is small.
+
+Restarting workers after a failure, or rerunning with the same ``train.run_name``,
+resumes from the run's latest checkpoint (see :mod:`pipeline.training.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from pipeline import config, names, registry, storage
+from pipeline.config import AugmentConfig, Config
+from pipeline.data import shardset, stream
+from pipeline.errors import JobFailed, UserError
+from pipeline.inference import evaluate
+from pipeline.models import artifact, pretrained
+from pipeline.models import zoo as models
+from pipeline.ops import preflight
+from pipeline.ops.runtime import AUGMENT_ACTOR_CPUS, EVAL_TASK_CPUS, ensure_ray, train_resources
+from pipeline.ops.watchdog import Watchdog
+from pipeline.report import report
+from pipeline.training import callbacks
+from pipeline.training.loop import train_loop
+from pipeline.training.progress import MetricsFollower, read_history
+from pipeline.training.state import SCORE, CheckpointSaver, RunSpec
+from pipeline.transforms import AugmentBatch, EvalTransform
+
+log = logging.getLogger("imgpipe")
+
+VAL_IN_MEMORY_BYTES = 256 * 2**20  # val sets up to this (as uint8) are transformed once and shared
+COLUMNS = ["image_id", "image", "label"]
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.train.run_name or f"{cfg.registry.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _pretrained(cfg: Config) -> tuple[str | None, bool]:
+    """Resolve ``model.pretrained`` to (URI, is_artifact)."""
+    spec = cfg.model.pretrained
+    if not spec:
+        return None, False
+    if pretrained.is_weights_name(spec):
+        pretrained.load_for(spec, cfg.model.arch)  # fail fast: unknown name, wrong arch, no package/internet
+        return spec, False
+    if "@" in spec and "/" not in spec:
+        return registry.resolve(cfg.registry.uri, spec), True
+    if storage.exists(storage.join(spec, artifact.META)):
+        return spec, True
+    if storage.exists(spec):
+        return spec, False
+    raise UserError(f"model.pretrained not found: {spec} (a state-dict URI, a checkpoint folder, or NAME@vN)")
+
+
+def _manifest(cfg: Config) -> shardset.Manifest:
+    """The dataset to train on, checked before anything starts."""
+    if not cfg.data.manifest:
+        raise UserError("data.manifest is not set: pack a dataset (`imgpipe pack SRC DST`) and "
+                        "pass --set data.manifest=DST")
+    manifest = shardset.read_manifest(cfg.data.manifest)
+    for split in ("train", "val"):
+        if manifest.rows(split) == 0:
+            raise UserError(f"dataset {manifest.root} has no '{split}' images")
+    models.build_model(cfg.model.arch, len(manifest.classes))  # fail fast on a bad arch
+    callbacks.load(cfg.train.callbacks)  # fail fast on a bad entry (workers build their own)
+    return manifest
+
+
+def _eval_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, size: int) -> dict[str, np.ndarray]:
+    """Ray Data task: decode + the eval transform (stateless, so a task, not an actor)."""
+    return {"image": EvalTransform(cfg, size)(batch["image"]), "label": batch["label"].astype(np.int64),
+            "image_id": batch["image_id"]}
+
+
+def _datasets(cfg: Config, manifest: shardset.Manifest, clock_name: str) -> tuple[dict[str, Any], Any]:
+    """The Ray datasets the trainer splits, and the val set in the object store (or None
+    when it is too large: then every rank reads the "val" dataset)."""
+    size = cfg.data.image_size
+    train_ds = stream.read_split(manifest, "train", columns=COLUMNS, shuffle_seed=cfg.train.seed,
+                                 clock_name=clock_name)
+    if cfg.augment.device == "cpu":
+        train_ds = train_ds.map_batches(
+            AugmentBatch, fn_constructor_kwargs={"cfg": config.to_dict(cfg)["augment"], "size": size, "train": True,
+                                                 "seed": cfg.train.seed, "clock_name": clock_name},
+            compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors), num_cpus=AUGMENT_ACTOR_CPUS,
+            batch_size=cfg.augment.batch_size)
+    val_ds = stream.read_split(manifest, "val", columns=COLUMNS).map_batches(
+        _eval_batch, fn_kwargs={"cfg": cfg.augment, "size": size}, num_cpus=EVAL_TASK_CPUS, batch_size=256)
+    if manifest.rows("val") * 3 * size * size > VAL_IN_MEMORY_BYTES:
+        return {"train": train_ds, "val": val_ds}, None
+    # Eval transforms are deterministic: run them once, and hand every rank the same
+    # uint8 arrays through the object store instead of a pipeline per rank per epoch.
+    parts = list(val_ds.iter_batches(batch_size=1024, batch_format="numpy"))
+    val_ref = ray.put({"image": np.concatenate([b["image"] for b in parts]),
+                       "label": np.concatenate([b["label"] for b in parts])})
+    return {"train": train_ds}, val_ref
+
+
+def _trainer(cfg: Config, spec: RunSpec, datasets: dict[str, Any], name: str, storage_root: str,
+             val_rows: int) -> TorchTrainer:
+    res = train_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    resources = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        resources["GPU"] = res.gpus_per_worker
+    fs, fs_path = storage.pyarrow_filesystem(storage_root)
+    log.info("train: run %s, %d workers x %.2f CPU (%.2f CPU left for Ray Data), %d train / %d val images",
+             name, cfg.train.num_workers, res.cpus_per_worker, res.data_cpus, spec.train_rows, val_rows)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=fs_path, storage_filesystem=fs if storage.is_remote(storage_root) else None,
+            checkpoint_config=CheckpointSaver.ray_config(cfg.train.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _fit(trainer: TorchTrainer, cfg: Config, name: str, run_uri: str, quiet: bool) -> ray.train.Result:
+    """``trainer.fit()`` under the stall watchdog, printing epoch lines as they land."""
+    with Watchdog(f"training run {name}", run_uri, cfg.ray.stall_timeout_s) as dog:
+        follower = MetricsFollower(run_uri, cfg.train.epochs, quiet, beat=dog.beat)
+        follower.start()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the cause
+            raise JobFailed(f"training run {name} failed: {_root_cause(e)}") from e
+        finally:
+            follower.stop()
+    if result.error:
+        raise JobFailed(f"training run {name} failed: {_root_cause(result.error)}")
+    return result
+
+
+def run(cfg: Config, quiet: bool = False) -> dict[str, Any]:
+    """``imgpipe train``: train on ``data.manifest``; returns the summary dict."""
+    manifest = _manifest(cfg)
+    pretrained_uri, pretrained_is_artifact = _pretrained(cfg)
+    ensure_ray(cfg, quiet=quiet)
+    preflight.check(preflight.train_request(cfg, ray.cluster_resources().get("CPU", 1.0)), "train", cfg)
+    name = run_name(cfg)
+    storage_root = storage.normalize(cfg.train.storage)
+    run_uri = storage.join(storage_root, name)
+    storage.write_bytes(storage.join(run_uri, names.RUN_CONFIG), config.dump(cfg).encode())
+    clock_name = f"epoch-clock-{name}"
+    clock = stream.epoch_clock(clock_name, on_this_node=True)  # here, so readers always find it
+    try:
+        datasets, val_ref = _datasets(cfg, manifest, clock_name)
+        spec = RunSpec(config=cfg, classes=manifest.classes, train_rows=manifest.rows("train"),
+                       meta=_meta(cfg, manifest, run_uri), run_uri=run_uri, clock_name=clock_name,
+                       pretrained_uri=pretrained_uri, pretrained_is_artifact=pretrained_is_artifact,
+                       val_ref=val_ref)
+        t0 = time.time()
+        result = _fit(_trainer(cfg, spec, datasets, name, storage_root, manifest.rows("val")), cfg, name, run_uri, quiet)
+    finally:
+        ray.kill(clock)
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))
+    best_uri = _checkpoint_uri(storage_root, best_ckpt.path)
+    history = read_history(run_uri)
+    seconds = time.time() - t0
+    train_seen = sum(h["train_images"] for h in history)
+    epoch_secs = sum(h["epoch_seconds"] for h in history)
+    test, report_uri = _test_and_report(cfg, run_uri, best_uri, manifest, history, quiet)
+    return {
+        "test_accuracy": test["accuracy"] if test else None, "test": test, "report": report_uri,
+        "run": name, "run_uri": run_uri, "best_checkpoint_uri": best_uri,
+        "best_val_accuracy": best_metrics.get(SCORE), "best_epoch": best_metrics.get("epoch"),
+        "epochs": len(history), "final": result.metrics, "seconds": round(seconds, 2),
+        "train_images_per_second": round(train_seen / max(epoch_secs, 1e-9), 1),
+        "data_manifest_sha256": manifest.sha256, "classes": manifest.classes,
+    }
+
+
+def _meta(cfg: Config, manifest: shardset.Manifest, run_uri: str) -> dict[str, Any]:
+    """meta.json of every checkpoint of the run (each adds its metrics and epoch)."""
+    return {"arch": cfg.model.arch, "classes": manifest.classes, "image_size": cfg.data.image_size,
+            "mean": cfg.augment.mean, "std": cfg.augment.std, "eval_preset": cfg.augment.preset,
+            "config": config.to_dict(cfg), "data_manifest_sha256": manifest.sha256,
+            "data_manifest": manifest.root, "run": run_uri, "pretrained": cfg.model.pretrained}
+
+
+def _test_and_report(cfg: Config, run_uri: str, best_uri: str, manifest: shardset.Manifest,
+                     history: list[dict[str, Any]], quiet: bool) -> tuple[dict[str, Any] | None, str]:
+    """Score the best checkpoint on the test split (per-image results under RUN/report/);
+    write report.html and TensorBoard files."""
+    test = None
+    if manifest.rows("test") > 0:
+        test = evaluate.run(best_uri, manifest.root, "test", cfg, quiet=quiet,
+                            predictions_uri=storage.join(run_uri, names.REPORT_DIR, names.EVAL_PREDICTIONS))
+    if not storage.is_remote(run_uri):
+        report.write_tensorboard(run_uri, history)
+    uri = report.write_train_report(run_uri, evaluation=test, data_uri=manifest.root if test else None)
+    if not quiet:
+        acc = f"test accuracy {test['accuracy']:.4f}; " if test else ""
+        print(f"train: {acc}report {uri}", file=sys.stderr, flush=True)
+    return test, uri
+
+
+def _checkpoint_uri(storage_root: str, ckpt_path: str) -> str:
+    """Ray Train's checkpoint path (no scheme on remote filesystems) -> a storage URI."""
+    if storage.is_remote(storage_root):
+        return f"{storage_root.split('://', 1)[0]}://{ckpt_path}"
+    return ckpt_path
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,66 @@
+"""Training callbacks for tests (see :mod:`pipeline.training.callbacks`): id tracing and
+fault injection, built inside every Ray Train worker from ``train.callbacks`` entries.
+
+    from tests.train_callbacks import crash_once, trace_ids
+    cfg.train.callbacks = [trace_ids(folder), crash_once(rank=1, epoch=1, batch=3, marker=path)]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from pipeline.training.callbacks import Callback
+
+
+def _entry(cls: type, **params: Any) -> str:
+    return f"{__name__}:{cls.__name__}?{urlencode(params)}"
+
+
+class TraceIds(Callback):
+    """Each rank appends the image ids it trained on to ``<folder>/rank<R>-epoch<E>.txt``
+    when a checkpoint commits them (ids trained on after the last checkpoint of a crashed
+    attempt are trained on again, and traced then)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.pending = folder, []
+
+    def on_step(self, rank: int, epoch: int, batch: dict[str, Any]) -> None:
+        self.pending.extend(str(i) for i in batch["image_id"])
+
+    def on_checkpoint(self, rank: int, epoch: int) -> None:
+        if self.pending:
+            with open(os.path.join(self.folder, f"rank{rank}-epoch{epoch}.txt"), "a") as f:
+                f.write("".join(f"{i}\n" for i in self.pending))
+            self.pending = []
+
+
+class CrashOnce(Callback):
+    """The worker of ``rank`` dies (``os._exit``) at batch index ``batch`` of epoch index
+    ``epoch`` (after that step, before any checkpoint it would trigger), once (a marker
+    file), after ``wait_s`` seconds (time for Ray Train's controller, which polls workers
+    every 2 s, to have registered the last checkpoint)."""
+
+    def __init__(self, rank: int, epoch: int, batch: int, marker: str, wait_s: float = 0.0) -> None:
+        self.rank, self.epoch, self.batch, self.marker, self.wait_s = rank, epoch, batch, marker, wait_s
+        self.seen: dict[int, int] = {}  # batches per epoch in this attempt
+
+    def on_step(self, rank: int, epoch: int, batch: dict[str, Any]) -> None:
+        index = self.seen.get(epoch, 0)
+        self.seen[epoch] = index + 1
+        if (rank, epoch, index) == (self.rank, self.epoch, self.batch) and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(self.wait_s)
+            os._exit(1)
+
+
+def trace_ids(folder: str) -> str:
+    """The ``train.callbacks`` entry of :class:`TraceIds`."""
+    return _entry(TraceIds, folder=folder)
+
+
+def crash_once(**params: Any) -> str:
+    """The ``train.callbacks`` entry of :class:`CrashOnce`."""
+    return _entry(CrashOnce, **params)
