@@ -1,8 +1,9 @@
 """The ``imgpipe`` command (also ``python -m pipeline``): argument parsing and exit codes.
 
 Thin by design: each subcommand parses its flags and calls one function of the
-library. Exit codes: 0 success; 2 bad input (one line, no traceback); 1 a failure
-while running. The last stdout line of train, evaluate, predict, pack, retrain and
+library; it holds no logic of its own. Exit codes: 0 success; 2 bad input
+(:class:`~pipeline.errors.UserError`: one line, no traceback); 1 a failure while
+running; 130 interrupted. The last stdout line of train, evaluate, predict, pack, retrain and
 demo is one JSON object (the summary); ``--summary FILE`` also writes it to a file.
 """
 
@@ -16,6 +17,7 @@ import sys
 import traceback
 from typing import Any
 
+from pipeline import config, storage
 from pipeline.errors import JobFailed, UserError
 
 log = logging.getLogger("imgpipe")
@@ -34,7 +36,31 @@ def _add_summary_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary", metavar="FILE", help="also write the summary JSON to FILE")
 
 
+def _add_models_actions(p: argparse.ArgumentParser) -> None:
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    m = msub.add_parser("list", help="versions of a model (or all models)")
+    m.add_argument("name", nargs="?")
+    m = msub.add_parser("show", help="one version's metadata")
+    m.add_argument("ref", metavar="NAME@vN|NAME@champion")
+    m = msub.add_parser("promote", help="make a version the champion")
+    m.add_argument("ref", metavar="NAME@vN")
+    m = msub.add_parser("rollback", help="restore the previous champion")
+    m.add_argument("name")
+    for m in msub.choices.values():
+        m.add_argument("--registry", help="registry URI (default: registry.uri of the config)")
+        _add_config_flags(m)
+
+
+def _add_submit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", required=True, metavar="URL", help="Ray dashboard address, e.g. http://head:8265")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
+    p.add_argument("--submission-id", default=None, help="fixed id: a second submission is a no-op")
+    p.add_argument("--working-dir", default=None, help="project folder shipped to the cluster (default: this project)")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS...")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``imgpipe`` parser: global flags and one subparser per command."""
     parser = argparse.ArgumentParser(
         prog="imgpipe",
         description="Image classification at cluster scale on Ray: pack, train, evaluate, predict, registry.",
@@ -45,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="whole cycle on scikit-learn's digits, on a local Ray instance")
     p.add_argument("--workdir", default="imgpipe-demo", help="folder for the bucket, runs, registry (default: %(default)s)")
+    p.add_argument("--per-class", type=int, default=None, metavar="N",
+                   help="a smaller, quicker demo: only the first N digits of each class "
+                        "(when the workdir has no images yet; default: all 1,797)")
     _add_summary_flag(p)
     _add_config_flags(p)
 
@@ -80,44 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_summary_flag(p)
     _add_config_flags(p)
 
-    p = sub.add_parser("models", help="the model registry: list, show, promote, rollback")
-    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    m = msub.add_parser("list", help="versions of a model (or all models)")
-    m.add_argument("name", nargs="?")
-    m = msub.add_parser("show", help="one version's metadata")
-    m.add_argument("ref", metavar="NAME@vN|NAME@champion")
-    m = msub.add_parser("promote", help="make a version the champion")
-    m.add_argument("ref", metavar="NAME@vN")
-    m = msub.add_parser("rollback", help="restore the previous champion")
-    m.add_argument("name")
-    for m in msub.choices.values():
-        m.add_argument("--registry", help="registry URI (default: registry.uri of the config)")
-        _add_config_flags(m)
+    _add_models_actions(sub.add_parser("models", help="the model registry: list, show, promote, rollback"))
 
     p = sub.add_parser("retrain", help="nightly retraining: new data, warm start, gate, promote, re-score")
     _add_config_flags(p, positional=True)
     p.add_argument("--date", required=True, metavar="YYYY-MM-DD")
     _add_summary_flag(p)
 
-    p = sub.add_parser("submit", help="run an imgpipe command as a Ray job on a cluster")
-    p.add_argument("--address", required=True, metavar="URL", help="Ray dashboard address, e.g. http://head:8265")
-    p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
-    p.add_argument("--submission-id", default=None, help="fixed id: a second submission is a no-op")
-    p.add_argument("--working-dir", default=None, help="project folder shipped to the cluster (default: this project)")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS...")
+    _add_submit_flags(sub.add_parser("submit", help="run an imgpipe command as a Ray job on a cluster"))
     return parser
 
 
 # ---------------------------------------------------------------------- handlers
+# Each handler imports its stage module when it runs: those pull in torch and Ray
+# (seconds), which `imgpipe --help`, `imgpipe models ...` and a bad flag do not need.
 
 
-def _config(args: argparse.Namespace, extra: list[str] | None = None):
-    from pipeline import config, storage
-
-    cfg = config.load(getattr(args, "config", None), list(getattr(args, "overrides", [])) + (extra or []))
+def _config(args: argparse.Namespace, extra: list[str] | None = None) -> config.Config:
+    """The config from ``--config``/``--set`` plus flag overrides; storage set up from it."""
+    overrides = [*getattr(args, "overrides", []), *(extra or [])]
+    if args.verbose:
+        overrides.append("ray.verbose=true")
+    cfg = config.load(getattr(args, "config", None), overrides)
     storage.configure(config.storage_options(cfg))
-    if getattr(args, "verbose", False):
-        cfg.ray.verbose = True
     return cfg
 
 
@@ -131,70 +145,63 @@ def _flag_overrides(args: argparse.Namespace, **keys: str) -> list[str]:
     return out
 
 
-def _cmd_demo(args):
-    from pipeline.workflows import demo
+def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.workflows import demo  # deferred: trains with torch + Ray (slow to import)
 
-    return demo.run(args.workdir, cfg=_config(args), quiet=args.quiet)
+    return demo.run(args.workdir, cfg=_config(args), quiet=args.quiet, per_class=args.per_class)
 
 
-def _cmd_pack(args):
-    from pipeline.data import packing
+def _cmd_pack(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.data import packing  # deferred: imports Ray Data
 
     extra = _flag_overrides(args, shard_rows="data.shard_rows", val="data.val_fraction", test="data.test_fraction")
     return packing.pack(args.src, args.dst, _config(args, extra), seed=args.seed, quiet=args.quiet)
 
 
-def _cmd_train(args):
-    from pipeline.training import train
+def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.training import driver  # deferred: imports torch and Ray Train
 
-    return train.run(_config(args), quiet=args.quiet)
+    return driver.run(_config(args), quiet=args.quiet)
 
 
-def _cmd_evaluate(args):
-    from pipeline.inference import evaluate
+def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.inference import evaluate  # deferred: imports torch and Ray Data
 
     return evaluate.run(args.model, args.data, args.split, _config(args), quiet=args.quiet)
 
 
-def _cmd_predict(args):
-    from pipeline.inference import predict
+def _cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.inference import predict  # deferred: imports torch and Ray Data
 
     extra = _flag_overrides(args, topk="predict.topk", rows_per_file="predict.rows_per_file",
                             skip_existing="predict.skip_existing")
     return predict.run(args.model, args.input, args.output, _config(args, extra), quiet=args.quiet)
 
 
-def _cmd_models(args):
-    from pipeline import registry
+def _cmd_models(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline import registry  # deferred: imports torch (artifact verification)
 
-    cfg = _config(args)
+    cfg = _config(args)  # also points storage at the config's endpoint
     uri = args.registry or cfg.registry.uri
-    action = args.models_command
-    if action == "list":
+    if args.models_command == "list":
         return registry.list_versions(uri, args.name)
-    if action == "show":
+    if args.models_command == "show":
         return registry.show(uri, args.ref)
-    if action == "promote":
+    if args.models_command == "promote":
         return registry.promote(uri, args.ref)
-    if action == "rollback":
-        return registry.rollback(uri, args.name)
-    raise UserError(f"unknown models action {action}; valid: list, show, promote, rollback")
+    return registry.rollback(uri, args.name)
 
 
-def _cmd_retrain(args):
-    from pipeline.workflows import retrain
+def _cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.workflows import retrain  # deferred: trains with torch + Ray (slow to import)
 
     return retrain.run(_config(args), args.date, quiet=args.quiet)
 
 
-def _cmd_submit(args):
-    from pipeline import submit
+def _cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline import submit  # deferred: imports Ray's job client
 
-    rest = list(args.args)
-    if rest and rest[0] == "--":
-        rest = rest[1:]
-    if not rest:
-        raise UserError("submit needs a command after '--', e.g. imgpipe submit --address URL -- train cfg.yaml")
+    rest = args.args[1:] if args.args[:1] == ["--"] else list(args.args)
     return submit.run(args.address, rest, wait=args.wait, submission_id=args.submission_id,
                       working_dir=args.working_dir, quiet=args.quiet)
 
@@ -210,8 +217,6 @@ def _emit(result: Any, summary_path: str | None) -> None:
         return
     line = json.dumps(result, sort_keys=True, default=str)
     if summary_path:
-        from pipeline import storage
-
         storage.write_bytes(summary_path, (json.dumps(result, indent=2, sort_keys=True, default=str) + "\n").encode())
     print(line, flush=True)
 

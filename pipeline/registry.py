@@ -37,11 +37,10 @@ import time
 import uuid
 from typing import Any
 
-from pipeline import storage
+from pipeline import names, storage
 from pipeline.errors import JobFailed, UserError
 from pipeline.models import artifact
 
-ALIASES = "aliases.json"
 CHAMPION = "champion"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _VERSION_DIR_RE = re.compile(r"^v(\d+)$")
@@ -97,11 +96,11 @@ def _model_names(registry: str) -> list[str]:
 
 def _is_model(registry: str, name: str) -> bool:
     children = storage.listdir(storage.join(registry, name))
-    return ALIASES in children or any(_VERSION_DIR_RE.match(c) for c in children)
+    return names.ALIASES in children or any(_VERSION_DIR_RE.match(c) for c in children)
 
 
 def _read_aliases(registry: str, name: str) -> dict[str, Any]:
-    uri = storage.join(_model_uri(registry, name), ALIASES)
+    uri = storage.join(_model_uri(registry, name), names.ALIASES)
     try:
         data = storage.read_json(uri)
     except storage.NotFound:
@@ -115,7 +114,7 @@ def _read_aliases(registry: str, name: str) -> dict[str, Any]:
 
 def _write_aliases(registry: str, name: str, aliases: dict[str, Any]) -> None:
     aliases = {**aliases, "updated": _now()}
-    storage.write_json(storage.join(_model_uri(registry, name), ALIASES), aliases)
+    storage.write_json(storage.join(_model_uri(registry, name), names.ALIASES), aliases)
 
 
 def _read_version_meta(registry: str, name: str, version: int) -> dict[str, Any]:
@@ -162,7 +161,7 @@ def _resolve_version(registry: str, ref: str) -> tuple[str, int]:
             raise UserError(f"model reference '{ref}': {name} has no champion in {registry} "
                             f"({_existing_summary(registry, name)}); promote one with "
                             f"'imgpipe models promote {name}@vN'")
-    if not storage.exists(storage.join(_version_uri(registry, name, version), artifact.META)):
+    if not storage.exists(storage.join(_version_uri(registry, name, version), names.META)):
         raise UserError(f"model reference '{ref}': no version v{version} of {name} in {registry} "
                         f"({_existing_summary(registry, name)})")
     return name, version
@@ -177,7 +176,7 @@ def resolve(registry_uri: str, ref: str) -> str:
 
 def resolve_model(ref: str, registry_uri: str) -> str:
     """What ``--model MODEL`` accepts: an artifact folder URI, else a registry reference."""
-    if storage.exists(storage.join(ref, artifact.META)):
+    if storage.exists(storage.join(ref, names.META)):
         return storage.normalize(ref)
     if "/" in ref or "://" in ref:
         raise UserError(_not_found_message(ref, registry_uri))
@@ -213,8 +212,8 @@ def register(registry_uri: str, name: str, artifact_uri: str, *, metrics: dict,
     meta = _version_meta(src_meta, name, version, data, source, metrics=metrics, config=config,
                          data_manifest_sha256=data_manifest_sha256, parent=parent)
     uri = _version_uri(registry, name, version)
-    storage.write_bytes(storage.join(uri, artifact.WEIGHTS), data)
-    storage.write_json(storage.join(uri, artifact.META), meta)  # last: commits the version
+    storage.write_bytes(storage.join(uri, names.WEIGHTS), data)
+    storage.write_json(storage.join(uri, names.META), meta)  # last: commits the version
     if artifact.read_meta(uri).get("registration_id") != meta["registration_id"]:
         raise JobFailed(f"concurrent registration of {_ref(name, version)} in {registry}: "
                         "another writer replaced this version; register again")
@@ -224,7 +223,7 @@ def register(registry_uri: str, name: str, artifact_uri: str, *, metrics: dict,
 def _read_verified(source: str) -> tuple[bytes, dict[str, Any]]:
     """Raw weights bytes and meta of an artifact, after :func:`artifact.load` verified it."""
     art = artifact.load(source)  # sha256 check + weights_only load
-    data = storage.read_bytes(storage.join(source, artifact.WEIGHTS))
+    data = storage.read_bytes(storage.join(source, names.WEIGHTS))
     expected = art.meta.get("weights_sha256")
     if expected and artifact.sha256(data) != expected:
         raise artifact.ArtifactError(f"weights of {source} changed while registering it; retry")
@@ -261,9 +260,9 @@ def _verify_weights(registry: str, name: str, version: int) -> None:
     uri = _version_uri(registry, name, version)
     meta = artifact.read_meta(uri)
     try:
-        digest = artifact.sha256(storage.read_bytes(storage.join(uri, artifact.WEIGHTS)))
+        digest = artifact.sha256(storage.read_bytes(storage.join(uri, names.WEIGHTS)))
     except storage.NotFound:
-        raise artifact.ArtifactError(f"{_ref(name, version)} has no {artifact.WEIGHTS} at {uri}") from None
+        raise artifact.ArtifactError(f"{_ref(name, version)} has no {names.WEIGHTS} at {uri}") from None
     if digest != meta.get("weights_sha256"):
         raise artifact.ArtifactError(
             f"refusing {_ref(name, version)}: weights sha256 {digest[:12]}... does not match "
@@ -364,7 +363,7 @@ def _decide(version: int, current: int | None, challenger: float, champ: float |
 
 def _record_gate(registry: str, name: str, version: int, decision: dict[str, Any]) -> None:
     """Rewrite the version's ``meta.json`` (atomically) with the decision; weights untouched."""
-    uri = storage.join(_version_uri(registry, name, version), artifact.META)
+    uri = storage.join(_version_uri(registry, name, version), names.META)
     meta = storage.read_json(uri)
     meta["gate"] = decision
     storage.write_json(uri, meta)

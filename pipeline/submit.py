@@ -28,6 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+
 from pipeline.errors import JobFailed, UserError
 
 PROBE_TIMEOUT_S = 5.0  # an unreachable job server fails the command within seconds
@@ -119,16 +122,10 @@ def _explicit_address() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def make_client(address: str) -> Any:
+def make_client(address: str) -> JobSubmissionClient:
     """A ``JobSubmissionClient`` for ``address`` (probed first, so this fails fast)."""
     address = normalize_address(address)
     headers = auth_headers(address, probe(address))
-    try:
-        from ray.job_submission import JobSubmissionClient
-    except ImportError as e:  # pragma: no cover - ray[default] is a dependency
-        raise UserError(f"imgpipe submit needs ray[default]: {e}") from None
-    from ray.exceptions import AuthenticationError
-
     _quiet_ray_logs()
     with _explicit_address():
         try:
@@ -141,19 +138,26 @@ def make_client(address: str) -> Any:
             raise UserError(f"cannot reach Ray job server at {address}: {e}") from None
 
 
-class _DropGitNotice(logging.Filter):
+class _DropExcludeNotice(logging.Filter):
+    """Drops Ray's warning that a default-excluded folder (.git, .venv...) is not shipped:
+    :data:`EXCLUDES` leaves those out on purpose."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         return "is now ignored by default" not in record.getMessage()
 
 
 def _quiet_ray_logs() -> None:
-    """Ray's INFO lines about packaging the working_dir (one per .gitignore) are noise
-    here; our own stderr lines say what happens. Its warnings and errors stay."""
+    """Ray's INFO lines about packaging the working_dir are noise here; our own stderr
+    lines say what happens. Its other warnings and errors stay."""
     for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         lg = logging.getLogger(name)
         if lg.getEffectiveLevel() < logging.WARNING:
             lg.setLevel(logging.WARNING)
-    logging.getLogger("ray._private.runtime_env.working_dir").addFilter(_DropGitNotice())
+    # The notice comes from a logger inside Ray's private packages; every Ray logger ends
+    # in the "ray" logger's handlers (it does not propagate further), so filter there.
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _DropExcludeNotice) for f in handler.filters):
+            handler.addFilter(_DropExcludeNotice())
 
 
 def runtime_env(working_dir: str | None = None) -> dict[str, Any]:
@@ -254,7 +258,7 @@ def run(address: str, argv: list[str], *, wait: bool = False, submission_id: str
     return summary
 
 
-def _log_interval(log_chars: int, poll_s: float) -> float:
+def log_interval(log_chars: int, poll_s: float) -> float:
     """Ray returns the whole log on each call: fetch big logs less often (1 s per
     200 kB, at most every 30 s), so that following a long run stays cheap."""
     return min(30.0, poll_s + log_chars / 200_000)
@@ -274,7 +278,7 @@ def follow(client: Any, submission_id: str, address: str, *, quiet: bool = False
                 status = str(info.status)
                 done = status in TERMINAL
                 now = time.monotonic()
-                if done or (not quiet and now - last_logs >= _log_interval(len(logs), poll_s)):
+                if done or (not quiet and now - last_logs >= log_interval(len(logs), poll_s)):
                     logs = client.get_job_logs(submission_id) or ""
                     last_logs = now
                 last_contact = now

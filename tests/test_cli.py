@@ -3,8 +3,11 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+
+from pipeline.cli import build_parser
 
 
 def imgpipe(*args, timeout=120):
@@ -43,6 +46,14 @@ def test_help_lists_every_command():
         assert cmd in r.stdout
 
 
+def test_demo_per_class_is_a_user_option():
+    """`imgpipe demo --per-class N`: a smaller, quicker demo (tests use it too)."""
+    assert build_parser().parse_args(["demo", "--per-class", "15"]).per_class == 15
+    assert build_parser().parse_args(["demo"]).per_class is None
+    r = imgpipe("demo", "--help")
+    assert r.returncode == 0 and "--per-class N" in r.stdout
+
+
 def test_models_list_prints_json(tmp_path):
     r = imgpipe("models", "list", "--registry", str(tmp_path))
     assert r.returncode == 0
@@ -51,8 +62,6 @@ def test_models_list_prints_json(tmp_path):
 
 def test_impossible_gpu_request_fails_fast(packed):
     """Pre-flight: GPUs asked of a CPU-only local cluster fail at once, before any work."""
-    import time
-
     t0 = time.time()
     r = imgpipe("train", "/dev/null", "--set", f"data.manifest={packed}", "--set", "train.use_gpu=true",
                 "--set", "ray.num_cpus=2")

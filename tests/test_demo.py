@@ -1,5 +1,6 @@
 """The demo cycle at small size on local Ray, end to end."""
 
+import json
 import os
 
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from tests.conftest import small_config
 
 def test_demo_small_cycle(tmp_path, ray_local):
     cfg = small_config(data={"shard_rows": 0})
-    s = demo.run(str(tmp_path / "wd"), cfg, quiet=True, limit_per_class=15)
+    s = demo.run(str(tmp_path / "wd"), cfg, quiet=True, per_class=15)
     keys = {"test_accuracy", "train_images", "val_images", "test_images", "predictions_uri", "predictions_rows",
             "model", "model_uri", "registry_uri", "seconds", "train_images_per_second", "predict_images_per_second"}
     assert keys <= set(s)
@@ -26,7 +27,6 @@ def test_demo_small_cycle(tmp_path, ray_local):
     assert os.path.exists(os.path.join(s["predictions_uri"], "_SUCCESS"))
     assert 0.0 <= s["test_accuracy"] <= 1.0
     # the run report: numbers match the run
-    import json
     assert s["report"].endswith("report.html") and os.path.exists(s["report"])
     rep = json.load(open(os.path.join(os.path.dirname(s["report"]), "report", "report.json")))
     assert rep["evaluation"]["confusion_sum"] == s["test_images"]

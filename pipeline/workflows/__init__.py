@@ -1,1 +1,2 @@
-"""workflows"""
+"""Workflows: whole cycles built from the stages, ``demo`` (``imgpipe demo``) and
+``retrain`` (``imgpipe retrain``, the nightly cycle)."""

@@ -5,7 +5,8 @@ digits PNGs (ImageFolder in a local "bucket") -> pack (Parquet shards + manifest
 best checkpoint on the test split -> register + promote through the gate -> batch
 inference over the test images' PNG files -> predictions Parquet + ``_SUCCESS``.
 
-Everything lives under ``--workdir``; rerunning reuses the images and shards.
+Everything lives under ``--workdir`` (:class:`DemoLayout`); rerunning reuses the
+images and shards. ``--per-class N`` makes a smaller, quicker demo.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import registry, storage
@@ -22,7 +24,7 @@ from pipeline.config import Config
 from pipeline.data import digits, packing, shardset
 from pipeline.errors import JobFailed
 from pipeline.inference import evaluate, predict
-from pipeline.training import train
+from pipeline.training import driver
 
 log = logging.getLogger("imgpipe")
 
@@ -34,53 +36,86 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run(workdir: str, cfg: Config, quiet: bool = False, limit_per_class: int | None = None) -> dict[str, Any]:
-    """Run the cycle under ``workdir``; ``limit_per_class`` shrinks the digits (tests)."""
-    t0 = time.time()
-    root = storage.normalize(workdir)
-    images_uri = storage.join(root, "bucket", "images")
-    shards_uri = storage.join(root, "bucket", "shards")
-    cfg.train.storage = storage.join(root, "runs")
-    cfg.registry.uri = storage.join(root, "registry")
-    cfg.data.manifest = shards_uri
+@dataclass(frozen=True)
+class DemoLayout:
+    """Where the demo keeps things under its workdir (a local folder or any URI)."""
 
-    _say(f"[1/6] writing scikit-learn digits as PNG files under {images_uri}", quiet)
-    if not storage.exists(images_uri):
-        n = digits.write_digits(images_uri, limit=limit_per_class)
+    root: str
+
+    @property
+    def images(self) -> str:
+        return storage.join(self.root, "bucket", "images")
+
+    @property
+    def shards(self) -> str:
+        return storage.join(self.root, "bucket", "shards")
+
+    @property
+    def test_listing(self) -> str:
+        return storage.join(self.root, "bucket", "test-images.csv")
+
+    @property
+    def predictions(self) -> str:
+        return storage.join(self.root, "predictions")
+
+
+def run(workdir: str, cfg: Config, quiet: bool = False, per_class: int | None = None) -> dict[str, Any]:
+    """Run the cycle under ``workdir``; returns the summary.
+
+    ``per_class`` (``imgpipe demo --per-class N``) makes a smaller, quicker demo: only
+    the first N digits of each class are written. It applies when the workdir holds no
+    images yet; a rerun reuses what is there.
+    """
+    t0 = time.time()
+    where = DemoLayout(storage.normalize(workdir))
+    cfg.train.storage = storage.join(where.root, "runs")
+    cfg.registry.uri = storage.join(where.root, "registry")
+    cfg.data.manifest = where.shards
+
+    _say(f"[1/6] writing scikit-learn digits as PNG files under {where.images}", quiet)
+    if not storage.exists(where.images):
+        n = digits.write_digits(where.images, limit=per_class)
         _say(f"      {n} images written", quiet)
     else:
         _say("      already there; reusing", quiet)
 
-    _say(f"[2/6] packing into Parquet shards under {shards_uri}", quiet)
+    _say(f"[2/6] packing into Parquet shards under {where.shards}", quiet)
     cfg.data.shard_rows = cfg.data.shard_rows or SHARD_ROWS
-    packed = packing.pack(images_uri, shards_uri, cfg, seed=cfg.train.seed, quiet=quiet)
-    manifest = shardset.read_manifest(shards_uri)
+    packed = packing.pack(where.images, where.shards, cfg, seed=cfg.train.seed, quiet=quiet)
+    manifest = shardset.read_manifest(where.shards)
 
     _say(f"[3/6] training {cfg.model.arch} with Ray Train: {cfg.train.num_workers} DDP workers, "
          f"{cfg.train.epochs} epochs", quiet)
-    trained = train.run(cfg, quiet=quiet)
-
+    trained = driver.run(cfg, quiet=quiet)
+    accuracy = trained["test"]["accuracy"]
     _say(f"[4/6] best checkpoint on the test split: accuracy {trained['test_accuracy']:.4f}", quiet)
-    ev = trained["test"]
 
     _say(f"[5/6] registering in {cfg.registry.uri}", quiet)
     version = registry.register(cfg.registry.uri, cfg.registry.name, trained["best_checkpoint_uri"],
-                                metrics={"holdout_accuracy": ev["accuracy"], "test_accuracy": ev["accuracy"],
+                                metrics={"holdout_accuracy": accuracy, "test_accuracy": accuracy,
                                          "val_accuracy": trained["best_val_accuracy"]},
                                 data_manifest_sha256=manifest.sha256)
-    decision = _gate(cfg, version["version"], ev["accuracy"], shards_uri, quiet)
+    decision = _gate(cfg, version["version"], accuracy, where.shards, quiet)
 
-    test_listing = storage.join(root, "bucket", "test-images.csv")
-    n_test = _write_test_listing(manifest, test_listing)
-    out_uri = storage.join(root, "predictions")
-    ref = version["ref"]
-    _say(f"[6/6] batch inference with {ref} over the {n_test} test PNG files -> {out_uri}", quiet)
-    pred = predict.run(ref, test_listing, out_uri, cfg, quiet=quiet)
+    n_test = _write_test_listing(manifest, where.test_listing)
+    _say(f"[6/6] batch inference with {version['ref']} over the {n_test} test PNG files "
+         f"-> {where.predictions}", quiet)
+    pred = predict.run(version["ref"], where.test_listing, where.predictions, cfg, quiet=quiet)
     if pred["rows"] + pred["errors"] != n_test:
         raise JobFailed(f"predictions hold {pred['rows']} rows + {pred['errors']} errors for {n_test} images")
 
-    summary = {
-        "test_accuracy": round(ev["accuracy"], 6),
+    summary = _summary(cfg, manifest, trained, version["ref"], decision, packed, pred, where.predictions)
+    summary["seconds"] = round(time.time() - t0, 1)
+    _say_done(summary, decision, quiet)
+    return summary
+
+
+def _summary(cfg: Config, manifest: shardset.Manifest, trained: dict[str, Any], ref: str,
+             decision: dict[str, Any], packed: dict[str, Any], pred: dict[str, Any],
+             out_uri: str) -> dict[str, Any]:
+    """The demo's summary line (without ``seconds``)."""
+    return {
+        "test_accuracy": round(trained["test"]["accuracy"], 6),
         "train_images": manifest.rows("train"), "val_images": manifest.rows("val"),
         "test_images": manifest.rows("test"),
         "predictions_uri": out_uri, "predictions_rows": pred["rows"], "prediction_errors": pred["errors"],
@@ -88,22 +123,25 @@ def run(workdir: str, cfg: Config, quiet: bool = False, limit_per_class: int | N
         "champion": decision.get("champion"), "promoted": decision.get("promoted"),
         "best_val_accuracy": trained["best_val_accuracy"], "run_uri": trained["run_uri"],
         "train_seconds": trained["seconds"],
-        "seconds": round(time.time() - t0, 1),
         "train_images_per_second": trained["train_images_per_second"],
         "predict_images_per_second": pred["images_per_second"],
         "pack_images_per_second": packed.get("images_per_second"),
         "report": trained["report"], "predictions_report": pred.get("report"),
     }
+
+
+def _say_done(s: dict[str, Any], decision: dict[str, Any], quiet: bool) -> None:
+    """The closing lines on stderr: accuracy, model, where things are, speed."""
     _say("", quiet)
-    _say(f"demo done in {summary['seconds']:.0f}s: test accuracy {summary['test_accuracy']:.4f} on "
-         f"{summary['test_images']} images (best val {trained['best_val_accuracy']:.4f})", quiet)
-    _say(f"  model      {ref}  ({'champion' if decision.get('promoted') else decision.get('reason')})", quiet)
-    _say(f"  checkpoint {summary['model_uri']}", quiet)
-    _say(f"  predictions {out_uri}  ({pred['rows']} rows, {pred['errors']} errors)", quiet)
-    _say(f"  report     {trained['report']}", quiet)
-    _say(f"  speed      train {summary['train_images_per_second']:.0f} img/s, "
-         f"predict {summary['predict_images_per_second']:.0f} img/s", quiet)
-    return summary
+    _say(f"demo done in {s['seconds']:.0f}s: test accuracy {s['test_accuracy']:.4f} on "
+         f"{s['test_images']} images (best val {s['best_val_accuracy']:.4f})", quiet)
+    _say(f"  model      {s['model']}  ({'champion' if decision.get('promoted') else decision.get('reason')})", quiet)
+    _say(f"  checkpoint {s['model_uri']}", quiet)
+    _say(f"  predictions {s['predictions_uri']}  ({s['predictions_rows']} rows, "
+         f"{s['prediction_errors']} errors)", quiet)
+    _say(f"  report     {s['report']}", quiet)
+    _say(f"  speed      train {s['train_images_per_second']:.0f} img/s, "
+         f"predict {s['predict_images_per_second']:.0f} img/s", quiet)
 
 
 def _gate(cfg: Config, version: int, score: float, data_uri: str, quiet: bool) -> dict[str, Any]:

@@ -13,10 +13,10 @@ For night D:
 5. re-score the stored images (``predict.input`` -> ``predict.output``) with the
    champion, incrementally (``--skip-existing``).
 
-``<base>/versions/dt=D/retrain.json`` is written last: rerunning a finished date
-changes nothing and says so. A crashed night resumes: its training run has a fixed
-name (Ray Train restores it) and a version already registered from the same
-checkpoint is reused instead of registered twice.
+``<base>/versions/dt=D/retrain.json`` (:data:`pipeline.names.RETRAIN_DONE`) is written
+last: rerunning a finished date changes nothing and says so. A crashed night resumes:
+its training run has a fixed name (Ray Train restores it) and a version already
+registered from the same checkpoint is reused instead of registered twice.
 """
 
 from __future__ import annotations
@@ -28,16 +28,14 @@ import sys
 import time
 from typing import Any
 
-from pipeline import registry, storage
+from pipeline import names, registry, storage
 from pipeline.config import Config
 from pipeline.data import packing, shardset
 from pipeline.errors import UserError
 from pipeline.inference import evaluate, predict
-from pipeline.training import train
+from pipeline.training import driver
 
 log = logging.getLogger("imgpipe")
-
-DONE = "retrain.json"
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -53,9 +51,9 @@ def _previous_version(base: shardset.Manifest, date: str) -> shardset.Manifest:
     """The latest finished version before ``date``, else the base dataset."""
     root = _versions_root(base)
     done = [n for n in storage.listdir(root)
-            if n.startswith("dt=") and n[3:] < date and storage.exists(storage.join(root, n, DONE))]
+            if n.startswith("dt=") and n[3:] < date and storage.exists(storage.join(root, n, names.RETRAIN_DONE))]
     for name in sorted(done, reverse=True):
-        if storage.exists(storage.join(root, name, shardset.MANIFEST)):
+        if storage.exists(storage.join(root, name, names.MANIFEST)):
             return shardset.read_manifest(storage.join(root, name))
     return base
 
@@ -64,8 +62,7 @@ def _absolute(m: shardset.Manifest, split: str) -> list[dict[str, Any]]:
     return [{**s, "path": shardset.shard_uri(m.root, s["path"])} for s in m.splits.get(split, [])]
 
 
-def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
-    t0 = time.time()
+def _check_inputs(cfg: Config, date: str) -> None:
     try:
         dt.date.fromisoformat(date)
     except ValueError:
@@ -74,10 +71,15 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
         raise UserError("data.manifest (the base dataset, whose test split is the frozen holdout) is not set")
     if not cfg.data.incoming:
         raise UserError("data.incoming (prefix holding dt=YYYY-MM-DD/<class>/<image> folders) is not set")
+
+
+def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
+    """Retrain for night ``date`` (steps 1-5 above); returns the night's summary."""
+    t0 = time.time()
+    _check_inputs(cfg, date)
     base = shardset.read_manifest(cfg.data.manifest)
-    name = cfg.registry.name
     version_root = storage.join(_versions_root(base), f"dt={date}")
-    done_uri = storage.join(version_root, DONE)
+    done_uri = storage.join(version_root, names.RETRAIN_DONE)
     if storage.exists(done_uri):
         previous = storage.read_json(done_uri)
         _say(f"{date} already done ({previous.get('outcome')}); nothing changed", quiet)
@@ -87,10 +89,15 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
     if not storage.exists(incoming):
         summary = {"date": date, "outcome": "no new data", "new_images": 0, "incoming": incoming}
         _say(f"no new images at {incoming}; nothing to train", quiet)
-        storage.write_json(done_uri, summary)
-        return {**summary, "already_done": False, "seconds": round(time.time() - t0, 1)}
+    else:
+        summary = _retrain(cfg, base, date, incoming, version_root, quiet)
+    storage.write_json(done_uri, summary)  # last: the night is done
+    return {**summary, "already_done": False, "seconds": round(time.time() - t0, 1)}
 
-    # 1-2. new data -> a new dataset version (holdout frozen)
+
+def _new_version(cfg: Config, base: shardset.Manifest, date: str, incoming: str, version_root: str,
+                 quiet: bool) -> tuple[shardset.Manifest, int]:
+    """Steps 1-2: pack the night's images, write the dataset version; (version, new images)."""
     _say(f"packing new images from {incoming}", quiet)
     pack_cfg = copy.deepcopy(cfg)
     pack_cfg.data.val_fraction = pack_cfg.data.test_fraction = 0.0  # all new images train
@@ -104,8 +111,15 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
         "source": incoming, "parent": prev.root, "date": date,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_json(storage.join(version_root, shardset.MANIFEST), manifest)
-    version = shardset.read_manifest(version_root)
+    storage.write_json(storage.join(version_root, names.MANIFEST), manifest)
+    return shardset.read_manifest(version_root), packed["images"]
+
+
+def _retrain(cfg: Config, base: shardset.Manifest, date: str, incoming: str, version_root: str,
+             quiet: bool) -> dict[str, Any]:
+    """Steps 1-5 for a night with new images; returns its summary."""
+    version, new_images = _new_version(cfg, base, date, incoming, version_root, quiet)
+    name = cfg.registry.name
 
     # 3. warm start from the champion
     champ = registry.champion(cfg.registry.uri, name)
@@ -115,9 +129,9 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
     if champ is not None:
         tcfg.model.pretrained = f"{name}@v{champ['version']}"
         tcfg.model.arch = champ["arch"]
-    _say(f"training on {version.rows('train')} images ({packed['images']} new), "
+    _say(f"training on {version.rows('train')} images ({new_images} new), "
          f"{'warm start from ' + tcfg.model.pretrained if champ else 'from scratch (no champion yet)'}", quiet)
-    trained = train.run(tcfg, quiet=quiet)
+    trained = driver.run(tcfg, quiet=quiet)
 
     # 4. same holdout for both, then the gate
     challenger_score = trained["test_accuracy"]
@@ -130,25 +144,26 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
                              champion_score=champion_score, min_improvement=cfg.registry.min_improvement)
     _say(decision["reason"], quiet)
 
-    # 5. re-score stored images with the (possibly new) champion, incrementally
-    rescored = None
-    if cfg.predict.input and cfg.predict.output:
-        pcfg = copy.deepcopy(cfg)
-        pcfg.predict.skip_existing = True
-        rescored = predict.run(f"{name}@champion", cfg.predict.input, cfg.predict.output, pcfg, quiet=quiet)
-
-    summary = {
+    return {
         "date": date, "outcome": "promoted" if decision["promoted"] else "champion kept",
         "reason": decision["reason"], "promoted": decision["promoted"],
         "challenger": reg["ref"], "champion": f"{name}@v{decision['champion']}",
         "challenger_holdout_accuracy": challenger_score, "champion_holdout_accuracy": champion_score,
-        "warm_start": tcfg.model.pretrained, "new_images": packed["images"],
+        "warm_start": tcfg.model.pretrained, "new_images": new_images,
         "train_images": version.rows("train"), "holdout_images": version.rows("test"),
         "dataset_version": version_root, "data_manifest_sha256": version.sha256,
-        "run_uri": trained["run_uri"], "rescored": rescored,
+        "run_uri": trained["run_uri"], "rescored": _rescore(cfg, quiet),
     }
-    storage.write_json(done_uri, summary)  # last: the night is done
-    return {**summary, "already_done": False, "seconds": round(time.time() - t0, 1)}
+
+
+def _rescore(cfg: Config, quiet: bool) -> dict[str, Any] | None:
+    """Step 5: re-score the stored images with the (possibly new) champion, incrementally."""
+    if not (cfg.predict.input and cfg.predict.output):
+        return None
+    pcfg = copy.deepcopy(cfg)
+    pcfg.predict.skip_existing = True
+    return predict.run(f"{cfg.registry.name}@champion", cfg.predict.input, cfg.predict.output, pcfg,
+                       quiet=quiet)
 
 
 def _register_once(cfg: Config, trained: dict[str, Any], version: shardset.Manifest,
