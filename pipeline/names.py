@@ -10,6 +10,7 @@ ERRORS_DIR = "_errors"  # quarantined images: <dataset or output>/_errors/*.parq
 
 # training runs (RUN = train.storage/<run_name>)
 RUN_CONFIG = "config.yaml"  # the resolved config of the run
+RUN_DATASET = "dataset.json"  # the dataset a run trains on: manifest URI and sha256; a resume must match
 METRICS = "metrics.jsonl"  # one JSON object per finished epoch
 HEARTBEAT = "_heartbeat.json"  # rank 0's progress inside an epoch, for stall detection
 TRAIN_STATE = "train_state.pt"  # optimizer, step, data position: the resume state of a checkpoint
@@ -29,9 +30,15 @@ SUCCESS = "_SUCCESS"  # the commit marker: lists the committed part files
 STATE_DIR = "_state"  # the input listing snapshot and run state
 PREDICT_REPORT_DIR = "_report"
 
+# leases (pipeline.ops.lease): one live run per output folder, dataset or training run
+LEASE = "_lease.json"  # <folder>/_lease.json: owner, heartbeat, expiry; deleted when the run ends
+# (local disk also keeps an empty "_lease.json.lock" next to it: the flock file of storage's
+# conditional writes)
+
 # reports
 HTML_NAME = "report.html"
 JSON_NAME = "report.json"
 
 # nightly retraining
 RETRAIN_DONE = "retrain.json"
+PARTITION_COMPLETE = "_SUCCESS"  # data.incoming/dt=D/_SUCCESS: written by producers once dt=D is complete

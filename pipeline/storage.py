@@ -16,7 +16,10 @@ and calls the functions here. What this module owns:
   an S3 PUT is atomic by itself;
 - paginated, streaming listing (:func:`iter_files`) so a prefix of millions of
   objects is never held in memory at once;
-- a pyarrow filesystem view for Ray Data / Ray Train storage.
+- a pyarrow filesystem view for Ray Data / Ray Train storage;
+- conditional writes of small objects (:func:`read_versioned`, :func:`create_if_absent`,
+  :func:`replace_if_version`, :func:`remove_if_version`): compare-and-swap for leases,
+  with the guarantees of each store stated in that section below.
 
 Retry policy, decided here and nowhere else. An operation makes up to
 ``StorageOptions.retries`` attempts; a :data:`ErrorKind.TRANSIENT` failure (throttling,
@@ -39,9 +42,12 @@ workers on other nodes see the same endpoint as the driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
+import fcntl
 import functools
+import hashlib
 import http.client
 import io
 import json
@@ -618,3 +624,214 @@ def pyarrow_filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pa
         return pafs.LocalFileSystem(), normalize(uri)
     fs = _s3(uri, opts, botocore_attempts=_max_attempts(opts))
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), uri.split("://", 1)[1].rstrip("/")
+
+
+# ------------------------------------------------------------- conditional writes
+#
+# Compare-and-swap on one small object, for leases (pipeline.ops.lease). A write either
+# happens against the version the caller last read, or does not happen and returns
+# None / False ("someone else won"). What each store guarantees:
+#
+# - S3 (and stores implementing its conditional writes): create is ``PutObject`` with
+#   ``If-None-Match: *``, replace is ``PutObject`` with ``If-Match: <ETag>``, remove is
+#   ``DeleteObject`` with ``If-Match: <ETag>``; the store decides atomically, a
+#   412 PreconditionFailed means another writer won, a 409 ConditionalRequestConflict (a
+#   conflicting write in flight) is retried. AWS S3 has had conditional PUTs since 2024;
+#   a store that answers a conditional DELETE with 501 NotImplemented gets a
+#   read-compare-delete instead (a one-round-trip window), and a remove always reads
+#   first. We rely on the store honouring If-None-Match / If-Match on PUT: one that
+#   ignores them gives no mutual exclusion. The version is the ETag.
+# - local disk (and NFS with working ``flock``): every mutation is check-then-act under an
+#   exclusive ``flock`` on a sidecar ``<name>.lock`` file (left in place: deleting a lock
+#   file races with its next user), and lands by ``os.replace`` of a fully written,
+#   fsynced temp file, so readers (who take no lock) see no object or a whole one. The
+#   version is the sha256 of the content.
+#
+# A conditional PUT retried after a lost reply may find its own earlier attempt in place
+# (412): when the stored bytes equal the bytes being written, the write counts as done.
+# Callers make their bytes unique (a lease carries a random token) so that this can not
+# mistake another writer's object for their own.
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A small object's bytes and the version they were read at (ETag; locally sha256)."""
+
+    data: bytes
+    version: str
+
+
+def read_versioned(uri: str, opts: StorageOptions | None = None) -> Versioned | None:
+    """The object at ``uri`` with its version, or None when there is none."""
+    fs, path = filesystem(uri, opts)
+    if not is_remote(uri):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return Versioned(data, _sha256(data))
+    bucket, key = _bucket_key(path)
+    try:
+        return retry(lambda: _get_versioned(fs, bucket, key), uri, opts)
+    except NotFound:
+        return None
+
+
+def create_if_absent(uri: str, data: bytes, opts: StorageOptions | None = None) -> str | None:
+    """Write ``data`` at ``uri`` only if no object is there; its version, or None when one
+    was (another writer won)."""
+    fs, path = filesystem(uri, opts)
+    if not is_remote(uri):
+        return _local_swap(path, data, expected=None)
+    bucket, key = _bucket_key(path)
+    put = functools.partial(fs.call_s3, "put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    return _conditional_put(put, uri, data, opts)
+
+
+def replace_if_version(uri: str, data: bytes, version: str,
+                       opts: StorageOptions | None = None) -> str | None:
+    """Replace the object at ``uri`` with ``data`` only if it is still at ``version``; the
+    new version, or None when it changed or is gone (another writer won)."""
+    fs, path = filesystem(uri, opts)
+    if not is_remote(uri):
+        return _local_swap(path, data, expected=version)
+    bucket, key = _bucket_key(path)
+    put = functools.partial(fs.call_s3, "put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+    try:
+        return _conditional_put(put, uri, data, opts)
+    except NotFound:  # If-Match on a missing key: 404
+        return None
+
+
+def remove_if_version(uri: str, version: str, opts: StorageOptions | None = None) -> bool:
+    """Delete the object at ``uri`` only if it is still at ``version``; whether it was."""
+    fs, path = filesystem(uri, opts)
+    if not is_remote(uri):
+        return _local_swap(path, None, expected=version) is not None
+    current = read_versioned(uri, opts)  # cheap, and narrows the window of the fallback below
+    if current is None or current.version != version:
+        return False
+    bucket, key = _bucket_key(path)
+    delete = functools.partial(fs.call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=version)
+    try:
+        return _conditional(delete, uri, opts) is not None
+    except NotFound:
+        return False
+    except OSError as e:
+        if _s3_status(e) != 501:  # only a store without conditional deletes falls back
+            raise
+    remove(uri, opts=opts)
+    return True
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _get_versioned(fs: Any, bucket: str, key: str) -> Versioned:
+    """One GET: the body and the ETag of the same object version."""
+    resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
+    body = resp["Body"]
+    try:
+        data = sync(fs.loop, body.read)
+    finally:
+        body.close()
+    return Versioned(data, resp["ETag"])
+
+
+def _s3_status(exc: BaseException) -> int | None:
+    """The HTTP status of the S3 error behind ``exc`` (None if there is none)."""
+    for e in _cause_chain(exc):
+        if isinstance(e, botocore.exceptions.ClientError):
+            return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code behind ``exc`` (None if there is none)."""
+    for e in _cause_chain(exc):
+        if isinstance(e, botocore.exceptions.ClientError):
+            return str(e.response.get("Error", {}).get("Code", ""))
+    return None
+
+
+def _conditional(call: Callable[[], T], uri: str, opts: StorageOptions | None) -> T | None:
+    """``call()`` (one conditional S3 request) under the retry policy; None when its
+    precondition failed (412). A 409 ConditionalRequestConflict is retried."""
+    opts = opts or _default
+    for attempt in _attempts(opts):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if _s3_code(e) == "PreconditionFailed" or _s3_status(e) == 412:
+                return None
+            if _s3_code(e) == "ConditionalRequestConflict" and attempt < _max_attempts(opts):
+                continue
+            err = _verdict(e, uri, attempt, opts)
+            if err is e:
+                raise
+            if err is not None:
+                raise err from e
+    raise AssertionError("unreachable: the last attempt raises")
+
+
+def _conditional_put(put: Callable[[], dict[str, Any]], uri: str, data: bytes,
+                     opts: StorageOptions | None) -> str | None:
+    """A conditional PUT of ``data``: the new ETag, or None when another writer won. A
+    412 after a retried attempt may be that attempt's own success: the stored bytes tell."""
+    resp = _conditional(put, uri, opts)
+    if resp is not None:
+        return resp["ETag"]
+    current = read_versioned(uri, opts)
+    return current.version if current is not None and current.data == data else None
+
+
+@contextlib.contextmanager
+def _flocked(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<path>.lock`` while the block runs (blocking)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _local_swap(path: str, data: bytes | None, expected: str | None) -> str | None:
+    """Under the file's lock: if its version is ``expected`` (None: no file), put ``data``
+    in its place (None: delete it). The new version ("" after a delete), or None when the
+    file was not as expected."""
+    if data is None and not os.path.exists(path):
+        return None
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = None
+    if data is not None:  # written before taking the lock: the lock is held for a rename only
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    try:
+        with _flocked(path):
+            try:
+                with open(path, "rb") as f:
+                    current: str | None = _sha256(f.read())
+            except FileNotFoundError:
+                current = None
+            if current != expected:
+                return None
+            if tmp is None:
+                os.unlink(path)
+                return ""
+            os.replace(tmp, path)
+            tmp = None
+            return _sha256(data)  # type: ignore[arg-type]
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
