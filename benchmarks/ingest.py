@@ -117,8 +117,7 @@ def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, e
         t0 = time.perf_counter()
         ds = stream.read_split(manifest, "train", columns=["image_id", "image", "label"], shuffle_seed=0)
         ds = ds.map_batches(augment.AugmentBatch,
-                            fn_constructor_kwargs={"cfg": dataclasses.asdict(acfg), "size": size, "train": True,
-                                                   "seed": 0},
+                            fn_constructor_kwargs={"cfg": dataclasses.asdict(acfg), "size": size, "seed": 0},
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=round((cpus - READ_CPUS) / actors, 2), batch_size=acfg.batch_size)
         first = True

@@ -64,13 +64,15 @@ class FilesDataset:
         return len(self.uris)
 
     def __getitem__(self, i: int):
+        import torch
+
         from pipeline.config import AugmentConfig
-        from pipeline.transforms import EvalPreset, decode_tensor
+        from pipeline.transforms import EvalTransform
 
         if self.transform is None:
-            self.transform = EvalPreset(AugmentConfig(preset=self.preset), self.size)
+            self.transform = EvalTransform(AugmentConfig(preset=self.preset), self.size)
         data = STORE.get(self.uris[i])
-        return hashlib.sha256(data).hexdigest(), self.transform(decode_tensor(data))
+        return hashlib.sha256(data).hexdigest(), torch.from_numpy(self.transform.one(data))
 
 
 def _collate(items):

@@ -1,29 +1,35 @@
-"""Train and eval transforms (presets) and the Ray Data actor that applies them.
+"""Image transforms: decoding for models, the train and eval presets, and where they run.
 
 Like torchvision's ``references/classification/presets.py``: :class:`TrainPreset`
 and :class:`EvalPreset` map one decoded RGB image to a uint8 CHW tensor of the
-model's input size. They run on CPU in a Ray Data actor pool
-(:class:`AugmentBatch`), so only uint8 crosses the wire to training workers; the
-float conversion and normalization happen on the worker (:func:`to_input`).
+model's input size; :func:`to_input` makes the normalized float input on the
+model's device. This module owns:
 
-Augmentation is reproducible: each image's random draws are seeded from
-``(seed, epoch, image_id)``; the epoch comes from a tiny named actor
-(:class:`EpochClock`) that training workers advance before each epoch.
-
-With ``augment.device`` ``cuda`` (or ``worker``), :class:`WorkerAugment` does the same
-inside each training worker instead: JPEGs decoded in batches with
-``torchvision.io.decode_jpeg(device=...)`` (nvJPEG on a GPU), the same presets
-applied on the worker's device, so only encoded bytes cross the wire.
+- decoding: :func:`decode_tensor` (one image, PIL via :mod:`pipeline.images`: EXIF
+  orientation, CMYK, alpha, bomb guard) and :func:`decode_batch` (many images on a
+  device: plain JPEGs in one ``torchvision.io.decode_jpeg`` call, nvJPEG on a GPU,
+  everything else through :func:`decode_tensor`, so both give the same pixels);
+- :class:`EvalTransform`, the one eval transform (decode + :class:`EvalPreset`) of
+  every scorer;
+- the train transform in its two places: :class:`AugmentBatch` (a Ray Data actor
+  pool, ``augment.device=cpu``) and :class:`WorkerAugment` (inside a training worker,
+  on its device). Each image's random draws are seeded from ``(seed, epoch,
+  image_id)`` (:func:`augment_one`); the epoch comes from the training stream's
+  clock (:func:`pipeline.data.stream.epoch_clock`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 
 from pipeline import images
@@ -31,6 +37,8 @@ from pipeline.config import AugmentConfig
 from pipeline.data import stream
 
 IMAGENET_EVAL_CROP = 0.875  # resize to size/0.875 then center crop, as torchvision's references
+EXIF_ORIENTATION = 0x0112  # EXIF tag: 1 = stored upright
+
 
 
 class TrainPreset:
@@ -92,6 +100,48 @@ def decode_tensor(data: bytes) -> torch.Tensor:
     return torch.from_numpy(images.decode_rgb(data)).permute(2, 0, 1).contiguous()
 
 
+def plain_jpeg(data: bytes) -> bool:
+    """A JPEG that ``decode_jpeg`` decodes exactly like :func:`decode_tensor`: baseline
+    or progressive, RGB or grey, stored upright (no EXIF rotation) and within
+    :data:`pipeline.images.MAX_PIXELS`. Reads the headers only."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            return (im.format == "JPEG" and im.mode in ("RGB", "L") and w * h <= images.MAX_PIXELS
+                    and im.getexif().get(EXIF_ORIENTATION, 1) == 1)
+    except Exception:  # noqa: BLE001 - anything odd takes the careful PIL path
+        return False
+
+
+def decode_batch(blobs: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor | images.ImageError]:
+    """Encoded images -> uint8 CHW RGB tensors on ``device``, one per blob, or the
+    :class:`pipeline.images.ImageError` that blob raised.
+
+    Plain JPEGs (:func:`plain_jpeg`) are decoded together by
+    ``torchvision.io.decode_jpeg(device=...)``: nvJPEG on a GPU, libjpeg-turbo on CPU.
+    PNG & co., CMYK and EXIF-rotated JPEGs, and every JPEG of a batch call that failed
+    (one corrupt file fails the call) go through :func:`decode_tensor` and are copied
+    over, so EXIF orientation, colour conversion and error reasons are the CPU path's.
+    """
+    out: list[torch.Tensor | images.ImageError | None] = [None] * len(blobs)
+    fast = [i for i, b in enumerate(blobs) if plain_jpeg(b)]
+    if fast:
+        data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in fast]
+        try:
+            out_fast = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a corrupt or truncated JPEG: all take the careful path below
+            out_fast = []
+        for i, img in zip(fast, out_fast):
+            out[i] = img
+    for i, img in enumerate(out):
+        if img is None:
+            try:
+                out[i] = decode_tensor(bytes(blobs[i])).to(device)
+            except images.ImageError as e:
+                out[i] = e
+    return out  # type: ignore[return-value]
+
+
 class EvalTransform:
     """The one eval transform, for every scorer (val during training, evaluate, predict):
     encoded bytes -> decoded RGB (EXIF applied, see :mod:`pipeline.images`) -> the eval
@@ -110,82 +160,71 @@ class EvalTransform:
             out[i] = self.one(data)
         return out
 
+    def on_device(self, blobs: Sequence[bytes], device: torch.device) -> tuple[torch.Tensor, list[str]]:
+        """Many images decoded by :func:`decode_batch` and transformed on ``device``:
+        (uint8 N x 3 x S x S, per image ``""`` or ``"reason: message"``; zeros there)."""
+        out = torch.zeros((len(blobs), 3, self.size, self.size), dtype=torch.uint8, device=device)
+        errors = [""] * len(blobs)
+        for i, img in enumerate(decode_batch(blobs, device)):
+            if isinstance(img, images.ImageError):
+                errors[i] = f"{img.reason}: {img}"
+            else:
+                out[i] = self.preset(img)
+        return out, errors
+
 
 class AugmentBatch:
-    """Ray Data ``map_batches`` class: decode + train (or eval) transform a batch.
+    """Ray Data ``map_batches`` class: decode + train transform a batch on CPU.
 
-    Input columns ``image`` (bytes), ``label``, ``image_id``; output ``image`` (uint8
-    N x 3 x S x S), ``label`` (int64), ``image_id``. An image that fails to decode
-    (packing validated every shard image, so this means corruption) raises.
+    Input columns ``image`` (bytes), ``label``, ``image_id`` (and ``row``, the training
+    stream's row numbers, passed through); output ``image`` (uint8 N x 3 x S x S),
+    ``label`` (int64), ``image_id``. An image that fails to decode (packing validated
+    every shard image, so this means corruption) raises. ``clock_name`` names the
+    run's epoch clock; without it every batch is epoch 0.
     """
 
-    def __init__(self, cfg: dict[str, Any], size: int, train: bool, seed: int,
-                 clock_name: str | None = None) -> None:
-        acfg = AugmentConfig(**cfg)
-        self.transform = TrainPreset(acfg, size) if train else EvalPreset(acfg, size)
-        self.train, self.seed, self.size = train, seed, size
-        self.clock = None
-        if train and clock_name:
-            self.clock = stream.epoch_clock(clock_name)
+    def __init__(self, cfg: dict[str, Any], size: int, seed: int, clock_name: str | None = None,
+                 train: bool = True) -> None:
+        # ``train`` is accepted until training stops passing it; there is no eval mode
+        # here (the eval transform is EvalTransform)
+        if not train:
+            raise ValueError("AugmentBatch is train-only; use EvalTransform")
+        self.transform = TrainPreset(AugmentConfig(**cfg), size)
+        self.seed, self.size = seed, size
+        self.clock = stream.epoch_clock(clock_name) if clock_name else None
         torch.set_num_threads(1)  # one actor = one core; parallelism comes from the pool
 
-    def _epoch(self) -> int:
-        if self.clock is None:
-            return 0
-        import ray
-
-        return int(ray.get(self.clock.get.remote()))
+    def epoch(self) -> int:
+        return 0 if self.clock is None else int(ray.get(self.clock.get.remote()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = self._epoch() if self.train else 0
+        epoch = self.epoch()
         out = np.empty((len(batch["image"]), 3, self.size, self.size), dtype=np.uint8)
         for i, (data, image_id) in enumerate(zip(batch["image"], batch["image_id"])):
-            img = decode_tensor(bytes(data))
-            out[i] = (augment_one(self.transform, img, self.seed, epoch, str(image_id)) if self.train
-                      else self.transform(img)).numpy()
+            out[i] = augment_one(self.transform, decode_tensor(bytes(data)), self.seed, epoch, str(image_id)).numpy()
         result = {"image": out, "label": batch["label"].astype(np.int64), "image_id": batch["image_id"]}
         if "row" in batch:  # the training stream's row numbers (exact resume)
             result["row"] = batch["row"]
         return result
 
 
-def _gpu_decodable(data: bytes) -> bool:
-    """Baseline/progressive JPEGs in RGB or gray without an EXIF rotation: what the
-    CUDA decoder handles exactly like the CPU path (it ignores EXIF orientation)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # headers only
-            return im.format == "JPEG" and im.mode in ("RGB", "L") and im.getexif().get(0x0112, 1) == 1
-    except Exception:  # noqa: BLE001 - anything odd takes the careful CPU path
-        return False
-
-
 class WorkerAugment:
     """Decode + train transform inside a training worker, on its device.
 
-    JPEGs are decoded together with ``torchvision.io.decode_jpeg`` on ``device`` (one
-    nvJPEG call per batch on a GPU); other formats, CMYK and EXIF-rotated JPEGs go
-    through :func:`decode_tensor` on CPU and are copied over. Each image's random draws
-    are seeded from ``(seed, epoch, image_id)``, as in :class:`AugmentBatch`.
+    Decoding is :func:`decode_batch` (one nvJPEG call per batch on a GPU); each
+    image's random draws are seeded from ``(seed, epoch, image_id)``, as in
+    :class:`AugmentBatch`. An undecodable image raises (shards hold validated images).
     """
 
     def __init__(self, cfg: AugmentConfig, size: int, seed: int, device: torch.device) -> None:
         self.transform = TrainPreset(cfg, size)
         self.size, self.seed, self.device = size, seed, device
 
-    def decode(self, blobs: list[bytes]) -> list[torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        out: list[torch.Tensor | None] = [None] * len(blobs)
-        fast = [i for i, b in enumerate(blobs) if _gpu_decodable(b)]
-        if fast:
-            data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in fast]
-            for i, img in zip(fast, decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)):
-                out[i] = img
-        for i, img in enumerate(out):
-            if img is None:
-                out[i] = decode_tensor(blobs[i]).to(self.device)
+    def decode(self, blobs: Sequence[bytes]) -> list[torch.Tensor]:
+        out = decode_batch(blobs, self.device)
+        for img in out:
+            if isinstance(img, images.ImageError):
+                raise img
         return out  # type: ignore[return-value]
 
     def __call__(self, blobs, image_ids, epoch: int) -> torch.Tensor:

@@ -1,1 +1,2 @@
-"""inference"""
+"""Scoring images with a trained model: the shared Ray Data stages (``actors``), batch
+predictions into Parquet (``predict``) and evaluation of a packed split (``evaluate``)."""

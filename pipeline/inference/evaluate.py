@@ -1,7 +1,12 @@
-"""Model evaluation on a packed split: accuracy, per-class accuracy, confusion matrix.
+"""Model evaluation on a packed split: accuracy, per-class accuracy, confusion matrix,
+and, on request, the per-image results (so a report never scores again).
 
-Runs the same Ray Data inference path as :mod:`pipeline.inference.predict` (decode actors ->
-model actors) over the split's verified shards, and reduces on the driver.
+Runs the one inference path of :mod:`pipeline.inference.actors` (decode actors ->
+model actors) over the split's verified shards and reduces on the driver.
+
+Per-image results (``predictions_uri``): one Parquet file of :data:`RESULT_SCHEMA`,
+one row per image scored: ``label`` the true class, ``predicted`` the model's,
+``score`` the softmax probability of ``predicted``, ``label_score`` that of ``label``.
 """
 
 from __future__ import annotations
@@ -10,11 +15,17 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray.data
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.data import shardset, stream
+from pipeline.data import shardset
 from pipeline.errors import UserError
+from pipeline.inference import actors
+
+RESULT_SCHEMA = pa.schema([("image_id", pa.string()), ("source", pa.string()), ("label", pa.int64()),
+                           ("predicted", pa.int64()), ("score", pa.float32()), ("label_score", pa.float32())])
 
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -29,52 +40,50 @@ def metrics_from_confusion(cm: np.ndarray, classes: list[str]) -> dict[str, Any]
             "per_class_accuracy": per_class, "confusion_matrix": cm.tolist(), "classes": classes}
 
 
-def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False) -> dict[str, Any]:
-    """``imgpipe evaluate``: score ``split`` of dataset ``data`` with ``model_ref``."""
-    import ray
-    import ray.data
-
-    from pipeline.inference import predict
-    from pipeline.ops.runtime import READ_TASK_CPUS, ensure_ray, predict_resources
-
-    t0 = time.time()
-    art = predict.resolve(model_ref, cfg)
+def _split(data: str, split: str, scorer: actors.Scorer) -> shardset.Manifest:
+    """The dataset's manifest, once the split is known, non-empty and the classes match."""
     manifest = shardset.read_manifest(data)
     manifest.check_split(split)
-    if list(manifest.classes) != art.classes:
-        raise UserError(f"model classes {art.classes} do not match dataset classes {manifest.classes}")
+    if list(manifest.classes) != scorer.classes:
+        raise UserError(f"model classes {scorer.classes} do not match dataset classes {manifest.classes}")
     if manifest.rows(split) == 0:
         raise UserError(f"split '{split}' of {manifest.root} is empty")
-    ensure_ray(cfg, quiet=quiet)
-    from pipeline.ops import preflight
+    return manifest
 
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    preflight.check(preflight.predict_request(cfg, cpus, image_size=int(art.meta["image_size"])), "evaluate", cfg)
-    res = predict_resources(cfg, cpus)
-    name = predict.model_id(art.meta, art.uri)
-    ds = stream.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
-    ds = ds.map_batches(predict._shard_rows, num_cpus=READ_TASK_CPUS, batch_size=predict.READ_BATCH)
-    ds = ds.map_batches(predict.DecodeBatch, fn_constructor_kwargs={
-        "augment_cfg": predict._augment_dict(cfg), "size": int(art.meta["image_size"]),
-        "preset": art.meta.get("eval_preset", cfg.augment.preset)},
-        compute=ray.data.ActorPoolStrategy(size=cfg.predict.decode_actors), num_cpus=res.decode_cpus, batch_size=predict.READ_BATCH)
-    ds = ds.map_batches(predict.ModelBatch, fn_constructor_kwargs={
-        "model_uri": art.uri, "model_name": name, "run_id": "evaluate", "topk": 1,
-        "batch_size": cfg.predict.batch_size, "compile_model": False, "threads": res.model_threads,
-        "opts": storage.default_options()},
-        compute=ray.data.ActorPoolStrategy(size=cfg.predict.model_actors), num_cpus=res.model_cpus, num_gpus=cfg.predict.num_gpus,
-        batch_size=cfg.predict.batch_size)
-    truth, pred, errors, ids = [], [], 0, []
-    for b in ds.select_columns(["truth", "label", "error", "image_id"]).iter_batches(batch_format="numpy"):
+
+def _collect(ds: ray.data.Dataset) -> tuple[pa.Table, int]:
+    """Scored rows -> (per-image results of the images scored, images that failed)."""
+    parts: list[pa.Table] = []
+    errors = 0
+    columns = ["image_id", "source", "truth", "label", "score", "truth_score", "error"]
+    for b in ds.select_columns(columns).iter_batches(batch_format="numpy"):
         ok = np.array([not e for e in b["error"]], dtype=bool)
         errors += int((~ok).sum())
-        truth.append(b["truth"][ok].astype(np.int64))
-        pred.append(b["label"][ok].astype(np.int64))
-        ids.extend(b["image_id"][ok].tolist())
-    t = np.concatenate(truth) if truth else np.zeros(0, np.int64)
-    p = np.concatenate(pred) if pred else np.zeros(0, np.int64)
-    cm = confusion_matrix(t, p, len(manifest.classes))
+        parts.append(pa.table({
+            "image_id": [str(x) for x in b["image_id"][ok]], "source": [str(x) for x in b["source"][ok]],
+            "label": b["truth"][ok].astype(np.int64), "predicted": b["label"][ok].astype(np.int64),
+            "score": b["score"][ok].astype(np.float32), "label_score": b["truth_score"][ok].astype(np.float32),
+        }, schema=RESULT_SCHEMA))
+    return (pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()), errors
+
+
+def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False,
+        predictions_uri: str | None = None) -> dict[str, Any]:
+    """``imgpipe evaluate``: score ``split`` of dataset ``data`` with ``model_ref``; with
+    ``predictions_uri``, also write the per-image results there (one Parquet file)."""
+    t0 = time.time()
+    scorer = actors.load_scorer(model_ref, cfg)
+    manifest = _split(data, split, scorer)
+    res = actors.start(cfg, scorer, "evaluate", quiet)
+    spec = actors.ModelSpec(run_id="evaluate", topk=1, batch_size=cfg.predict.batch_size,
+                            threads=res.model_threads, gpu_decode=cfg.predict.gpu_decode)
+    table, errors = _collect(actors.score(actors.read_split(manifest, split), scorer, spec, cfg, res))
+    cm = confusion_matrix(table.column("label").to_numpy(), table.column("predicted").to_numpy(),
+                          len(manifest.classes))
+    if predictions_uri is not None:
+        storage.write_table(predictions_uri, table)
     out = metrics_from_confusion(cm, manifest.classes)
-    out.update({"model": name, "model_uri": art.uri, "data": manifest.root, "split": split,
-                "data_manifest_sha256": manifest.sha256, "errors": errors, "seconds": round(time.time() - t0, 3)})
+    out.update({"model": scorer.name, "model_uri": scorer.uri, "data": manifest.root, "split": split,
+                "data_manifest_sha256": manifest.sha256, "errors": errors, "seconds": round(time.time() - t0, 3),
+                "predictions_uri": predictions_uri})
     return out

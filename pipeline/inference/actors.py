@@ -1,0 +1,250 @@
+"""The one inference path: the Ray Data stages that turn stored images into scores.
+
+:mod:`pipeline.inference.predict` (stored images -> predictions Parquet) and
+:mod:`pipeline.inference.evaluate` (a packed split -> accuracy and per-image results)
+both build their job from these stages::
+
+    read_listing | read_split       rows: source, bytes, image_id, error, truth
+      -> DecodeActor  (CPU pool)    + image: uint8 N x 3 x S x S (pipeline.transforms.EvalTransform)
+      -> ModelActor   (model pool; a GPU each with predict.num_gpus; with predict.gpu_decode
+                       it decodes the bytes itself: transforms.decode_batch on its device)
+                      -> image_id, source, truth, label, label_name, score, topk_labels,
+                         topk_scores, truth_score, model, run_id, error
+
+A row is never dropped: an image that cannot be read or decoded keeps its row with a
+non-empty ``error`` (``"reason: message"``) so callers can quarantine or count it;
+``truth`` is the true class index (-1 when unknown) and ``truth_score`` its
+probability (NaN when unknown).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import torch
+
+from pipeline import images, registry, storage
+from pipeline.config import AugmentConfig, Config
+from pipeline.data import stream
+from pipeline.data.shardset import Manifest
+from pipeline.models import artifact, zoo
+from pipeline.ops import preflight
+from pipeline.ops.runtime import READ_TASK_CPUS, PredictResources, ensure_ray, predict_resources
+from pipeline.transforms import EvalTransform, to_input
+
+READ_BATCH = 64  # images per read / decode call; threads inside a read overlap S3 latency
+LISTING_BLOCK = READ_BATCH * 16  # listing rows per input block of a read task
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A model resolved and verified on the driver, and how its inputs are prepared."""
+
+    uri: str  # the artifact folder the actors load
+    name: str  # ``name@vN`` for registry models, else the artifact URI
+    meta: dict[str, Any]
+    eval_augment: AugmentConfig  # the run's augment config with the model's eval preset
+    image_size: int  # px, the model's input size
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+
+def model_id(meta: dict[str, Any], uri: str) -> str:
+    """``name@vN`` for registry models, else the checkpoint URI."""
+    if meta.get("name") and meta.get("version"):
+        return f"{meta['name']}@v{meta['version']}"
+    return uri
+
+
+def load_scorer(model_ref: str, cfg: Config) -> Scorer:
+    """Resolve and verify ``--model`` (registry ref or checkpoint URI); exit 2 if unusable."""
+    art = artifact.load(registry.resolve_model(model_ref, cfg.registry.uri))
+    preset = art.meta.get("eval_preset", cfg.augment.preset)
+    eval_augment = dataclasses.replace(cfg.augment, preset=preset)
+    return Scorer(art.uri, model_id(art.meta, art.uri), art.meta, eval_augment, int(art.meta["image_size"]))
+
+
+def start(cfg: Config, scorer: Scorer, what: str, quiet: bool) -> PredictResources:
+    """Start or join Ray, check the cluster can hold the stages (preflight), size the pools."""
+    ensure_ray(cfg, quiet=quiet)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    preflight.check(preflight.predict_request(cfg, cpus, image_size=scorer.image_size), what, cfg)
+    return predict_resources(cfg, cpus)
+
+
+# ------------------------------------------------------------------------ inputs
+
+
+def read_objects(batch: dict[str, np.ndarray], opts: storage.StorageOptions) -> dict[str, np.ndarray]:
+    """Ray Data task: fetch the batch's ``uri`` objects concurrently
+    (:func:`pipeline.storage.read_many`) and hash them. An object gone since the listing
+    or empty is an error row; 403 or a fault that outlasts the retries fails the task."""
+    storage.configure(opts)
+    uris = [str(u) for u in batch["uri"]]
+    data: list[bytes] = []
+    errors: list[str] = []
+    for got in storage.read_many(uris, opts):
+        if isinstance(got, storage.NotFound):
+            data.append(b"")
+            errors.append("missing: object disappeared after listing")
+        elif isinstance(got, Exception):
+            raise got
+        else:
+            data.append(got)
+            errors.append("" if got else "empty: zero-byte file")
+    return {"source": np.array(uris, dtype=object), "bytes": np.array(data, dtype=object),
+            "image_id": np.array([hashlib.sha256(b).hexdigest() if b else "" for b in data], dtype=object),
+            "error": np.array(errors, dtype=object), "truth": batch["truth"]}
+
+
+def read_listing(listing: pa.Table, opts: storage.StorageOptions) -> ray.data.Dataset | None:
+    """Stored images named by ``listing`` (columns ``uri``, ``truth``); None when empty."""
+    if listing.num_rows == 0:
+        return None
+    blocks = [listing.slice(i, LISTING_BLOCK) for i in range(0, listing.num_rows, LISTING_BLOCK)]
+    return ray.data.from_arrow(blocks).map_batches(read_objects, fn_kwargs={"opts": opts},
+                                                    batch_size=READ_BATCH, num_cpus=READ_TASK_CPUS)
+
+
+def shard_rows(batch: dict[str, np.ndarray], skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Ray Data task: shard rows (bytes and ids already there) as input rows, without
+    the sources in ``skip``."""
+    keep = np.array([s not in skip for s in batch["source"]], dtype=bool)
+    return {"source": batch["source"][keep], "bytes": batch["image"][keep], "image_id": batch["image_id"][keep],
+            "error": np.array([""] * int(keep.sum()), dtype=object), "truth": batch["label"][keep].astype(np.int32)}
+
+
+def read_split(manifest: Manifest, split: str, skip: frozenset[str] = frozenset()) -> ray.data.Dataset:
+    """The verified shards of one split of a packed dataset, without the sources in ``skip``."""
+    ds = stream.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
+    return ds.map_batches(shard_rows, fn_kwargs={"skip": skip}, num_cpus=READ_TASK_CPUS, batch_size=READ_BATCH)
+
+
+# ------------------------------------------------------------------------ actors
+
+
+class DecodeActor:
+    """Ray Data actor: bytes -> eval-transformed uint8 CHW (:class:`EvalTransform`);
+    an undecodable image gets its ``error``."""
+
+    def __init__(self, eval_augment: AugmentConfig, size: int) -> None:
+        self.transform, self.size = EvalTransform(eval_augment, size), size
+        torch.set_num_threads(1)  # one actor = one core; parallelism comes from the pool
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["source"])
+        out = np.zeros((n, 3, self.size, self.size), dtype=np.uint8)
+        errors = list(batch["error"])
+        for i in range(n):
+            if not errors[i]:
+                try:
+                    out[i] = self.transform.one(batch["bytes"][i])
+                except images.ImageError as e:
+                    errors[i] = f"{e.reason}: {e}"
+        rest = {k: v for k, v in batch.items() if k not in ("bytes", "error")}
+        return {**rest, "image": out, "error": np.array(errors, dtype=object)}
+
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a :class:`ModelActor` needs besides the scorer."""
+
+    run_id: str  # written into every predictions row
+    topk: int  # labels and scores kept per image
+    batch_size: int  # images per model call
+    threads: int  # torch intra-op threads in a CPU actor
+    compile_model: bool = False  # torch.compile (GPU)
+    gpu_decode: bool = False  # decode the bytes here, on the model's device
+
+
+class ModelActor:
+    """Ray Data actor holding the model: uint8 images (or, with ``gpu_decode``, bytes)
+    -> label, score, top-k and the true label's probability."""
+
+    def __init__(self, scorer: Scorer, spec: ModelSpec, opts: storage.StorageOptions) -> None:
+        storage.configure(opts)
+        self.scorer, self.spec = scorer, spec
+        self.classes = scorer.classes
+        self.topk = min(spec.topk, len(self.classes))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.transform = EvalTransform(scorer.eval_augment, scorer.image_size)
+        torch.set_num_threads(max(1, spec.threads))
+        art = artifact.load(scorer.uri)
+        model = zoo.build_model(scorer.meta["arch"], len(self.classes))
+        model.load_state_dict(art.state_dict)
+        model.eval().to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            if spec.compile_model:
+                model = torch.compile(model)
+        self.model = model
+
+    def decode(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """``gpu_decode``: bytes -> eval-transformed images on the model's device."""
+        errors = list(batch["error"])
+        ok = [i for i, e in enumerate(errors) if not e]
+        imgs, new_errors = self.transform.on_device([bytes(batch["bytes"][i]) for i in ok], self.device)
+        out = torch.zeros((len(errors), 3, self.scorer.image_size, self.scorer.image_size), dtype=torch.uint8,
+                          device=self.device)
+        out[ok] = imgs
+        for i, e in zip(ok, new_errors):
+            errors[i] = e
+        return {**batch, "image": out, "error": np.array(errors, dtype=object)}
+
+    def probabilities(self, images_u8: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 N x 3 x S x S -> softmax over the classes (float32, on the device)."""
+        x = images_u8 if torch.is_tensor(images_u8) else torch.from_numpy(images_u8)
+        cuda = self.device.type == "cuda"
+        x = to_input(x, self.scorer.meta["mean"], self.scorer.meta["std"], self.device, channels_last=cuda)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+            return torch.softmax(self.model(x).float(), dim=1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.spec.gpu_decode:
+            batch = self.decode(batch)
+        n = len(batch["source"])
+        truth = np.asarray(batch["truth"]).astype(np.int64)
+        top_l = np.zeros((n, self.topk), dtype=np.int32)
+        top_s = np.zeros((n, self.topk), dtype=np.float32)
+        truth_s = np.full(n, np.nan, dtype=np.float32)
+        idx = np.flatnonzero([not e for e in batch["error"]])
+        for start in range(0, len(idx), self.spec.batch_size):
+            sel = idx[start:start + self.spec.batch_size]
+            probs = self.probabilities(batch["image"][sel])
+            s, lab = probs.topk(self.topk, dim=1)
+            top_l[sel], top_s[sel] = lab.cpu().numpy(), s.cpu().numpy()
+            known = torch.from_numpy(truth[sel]).to(self.device)
+            picked = probs.gather(1, known.clamp(min=0).unsqueeze(1)).squeeze(1).cpu().numpy()
+            truth_s[sel] = np.where(truth[sel] >= 0, picked, np.nan)
+        labels = np.where([bool(e) for e in batch["error"]], -1, top_l[:, 0]).astype(np.int32)
+        return {"image_id": batch["image_id"], "source": batch["source"], "truth": batch["truth"],
+                "label": labels, "label_name": np.array([self.classes[i] if i >= 0 else "" for i in labels], dtype=object),
+                "score": top_s[:, 0].copy(), "topk_labels": list(top_l), "topk_scores": list(top_s),
+                "truth_score": truth_s, "model": np.array([self.scorer.name] * n, dtype=object),
+                "run_id": np.array([self.spec.run_id] * n, dtype=object), "error": batch["error"]}
+
+
+def score(ds: ray.data.Dataset, scorer: Scorer, spec: ModelSpec, cfg: Config,
+          res: PredictResources) -> ray.data.Dataset:
+    """Input rows -> scored rows: the decode actor pool (unless ``spec.gpu_decode``),
+    then the model actor pool, sized by ``cfg.predict`` and ``res``."""
+    p = cfg.predict
+    if not spec.gpu_decode:
+        ds = ds.map_batches(DecodeActor, fn_constructor_kwargs={"eval_augment": scorer.eval_augment,
+                                                                "size": scorer.image_size},
+                            compute=ray.data.ActorPoolStrategy(size=p.decode_actors),
+                            num_cpus=res.decode_cpus, batch_size=READ_BATCH)
+    return ds.map_batches(ModelActor, fn_constructor_kwargs={"scorer": scorer, "spec": spec,
+                                                             "opts": storage.default_options()},
+                          compute=ray.data.ActorPoolStrategy(size=p.model_actors), num_cpus=res.model_cpus,
+                          num_gpus=p.num_gpus, batch_size=p.batch_size)
