@@ -132,3 +132,26 @@ def test_listing_files(tmp_path: pathlib.Path) -> None:
     (tmp_path / "empty.csv").write_text("uri,label\n")
     with pytest.raises(UserError, match="is empty"):
         listings.list_source(str(tmp_path / "empty.csv"))
+
+
+def test_check_source_names_a_source_pack_can_not_read(tmp_path: pathlib.Path, s3_bucket: str) -> None:
+    ds = _dataset(str(tmp_path / "ds"))
+    imgs = str(tmp_path / "imgs")
+    uris = _image_folder(imgs)
+    (tmp_path / "notes.txt").write_text("hello")
+    assert listings.check_source(imgs) == listings.Source("prefix", imgs)
+    assert listings.check_source(ds).kind == "shards"
+    for path in (uris[0], str(tmp_path / "notes.txt")):  # an image, a text file: not a listing
+        with pytest.raises(UserError, match=f"SRC {path} is a file; pack reads a folder of <class>/<image>"):
+            listings.check_source(path)
+        with pytest.raises(UserError, match="is a file"):
+            listings.list_source(path)
+    with pytest.raises(UserError, match="source not found"):
+        listings.check_source(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="not one split"):
+        listings.check_source(f"{ds}:test")
+    s3_imgs = f"{s3_bucket}/imgs"
+    s3_uris = _image_folder(s3_imgs)
+    assert listings.check_source(s3_imgs).kind == "prefix"
+    with pytest.raises(UserError, match=f"SRC {s3_uris[0]} is a file"):
+        listings.check_source(s3_uris[0])

@@ -111,18 +111,31 @@ def list_source(src: str) -> pa.Table:
     columns ``uri,label`` (labels as names or ints), or a packed shard set (origin then
     points into its shards, so re-splitting never goes back to the original objects).
     """
-    source = parse(src)
-    if source.kind == "split":
-        raise UserError(f"source not found: {src} (pack reads a whole dataset, not one split; "
-                        f"`DATASET:split` is for predict)")
+    source = check_source(src)
     norm = storage.normalize(source.uri)
     if source.kind == "listing":
         return _labelled_listing(norm)
     if source.kind == "shards":
         return _list_shard_set(norm)
-    if not storage.exists(norm):
-        raise UserError(f"source not found: {src}")
     return _list_image_folder(norm, src)
+
+
+def check_source(src: str) -> Source:
+    """``src`` parsed, if pack can read it; UserError (exit 2) naming it otherwise: a
+    ``DATASET:split``, a folder that does not exist, or a regular file that is not a
+    listing (an image, a text file). Cheap: a few metadata calls, nothing is listed."""
+    source = parse(src)
+    if source.kind == "split":
+        raise UserError(f"source not found: {src} (pack reads a whole dataset, not one split; "
+                        f"`DATASET:split` is for predict)")
+    if source.kind == "prefix":
+        norm = storage.normalize(source.uri)
+        if not storage.exists(norm):
+            raise UserError(f"source not found: {src}")
+        if not storage.isdir(norm):
+            raise UserError(f"SRC {src} is a file; pack reads a folder of <class>/<image> files, a "
+                            f"{' or '.join(LISTING_SUFFIXES)} listing (uri,label), or a packed dataset")
+    return source
 
 
 def _source_table(sources: list[str], labels: list[str], sizes: list[int] | None = None,

@@ -4,26 +4,39 @@ validate them by decoding, and write one shard each. Shard contents depend only 
 the listing and the seed, and a shard file already present is reused, so rerunning
 ``pack`` after a crash neither duplicates nor loses an image.
 
-    pack -> plan (list_source, assign_splits, shard_tasks) -> run_tasks (write_shard
-    per task: fetch, check_image, write) -> tally -> manifest.json (commits)
+    pack -> check_args, committed (no-op / refuse), lease.hold(DST) ->
+    plan (list_source, assign_splits, shard_tasks) -> run_tasks (write_shard per task:
+    fetch, check_image, write) -> tally -> separate_duplicates -> manifest.json (commits)
+
+One image in one split: the split is decided per *listed* object (before any byte is
+read), so two objects with identical bytes (one ``image_id``) could land in two splits.
+:func:`separate_duplicates` fixes that after the shards are written, from 64-bit id
+prefixes the tasks return; see its docstring.
+
+An error inside a task (an integrity error, a refused object) reaches the caller as
+itself, at once and never retried (:func:`write_shard`, :func:`raise_failure`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 import logging
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import images, storage
 from pipeline.config import Config
-from pipeline.data.listings import list_source
+from pipeline.data.listings import check_source, list_source
 from pipeline.data.shardset import (
     ERROR_SCHEMA,
     SHARD_SCHEMA,
@@ -35,7 +48,7 @@ from pipeline.data.shardset import (
 )
 from pipeline.errors import JobFailed, UserError
 from pipeline.names import ERRORS_DIR, MANIFEST
-from pipeline.ops import preflight
+from pipeline.ops import lease, preflight
 from pipeline.ops.runtime import READ_TASK_CPUS, ensure_ray
 from pipeline.ops.watchdog import Watchdog
 
@@ -47,6 +60,10 @@ READ_BATCH = 256  # images one pack task fetches by one storage.read_many call (
 # one task holding them all; 10k rows keeps task memory and parallelism bounded.
 MAX_SHARD_ROWS_BY_BYTES = 10_000
 TYPICAL_IMAGE_BYTES = 50_000.0  # a typical JPEG: the shard size guess when sizes are unknown
+MAX_NAMED = 20  # missing URIs named in a task's result, the summary and the manifest
+# Of several copies of one image in different splits, the first split here keeps them:
+# the holdout keeps its images, training loses a copy it would otherwise memorise.
+KEEP_ORDER = ("test", "val", "train")
 
 
 # -------------------------------------------------------------------------- split
@@ -141,11 +158,14 @@ def fetch(task: dict[str, Any], rows: range, cache: OriginCache) -> list[bytes |
     return blobs
 
 
+MISSING = "missing"  # the reason code of a listed object that does not exist
+
+
 def check_image(blob: bytes | Exception, max_pixels: int) -> tuple[bytes | None, str, str]:
     """(bytes, image_id, error) of one image. Runs in a thread pool: Pillow's decoder
     and hashlib release the GIL, so one task validates on several cores."""
     if isinstance(blob, storage.NotFound):
-        return None, "", f"missing: {blob}"
+        return None, "", f"{MISSING}: {blob}"
     if isinstance(blob, Exception):  # Forbidden, retries exhausted, ...: fail the task
         raise blob
     image_id = hashlib.sha256(blob).hexdigest()
@@ -176,7 +196,21 @@ def validate(task: dict[str, Any], max_pixels: int) -> ShardRows:
 
 
 def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: int) -> dict[str, Any]:
-    """Read, validate and write one shard (a Ray Data task). Reuses a shard already there."""
+    """Read, validate and write one shard (a Ray Data task). Reuses a shard already there.
+
+    An exception is returned, not raised (``failed``: :func:`describe_failure`): Ray Data
+    would wrap it in a ``UserCodeException`` that crosses to the driver without its cause
+    (only a remote traceback and Ray's retry hint as text), log it at ERROR, and could
+    retry it. Returned, it fails the job at once, as itself (:func:`raise_failure`)."""
+    try:
+        return _write_shard(task, opts, max_pixels)
+    except Exception as e:  # noqa: BLE001 - handed to the driver, which raises it
+        return {"split": task["split"], "index": task["index"], "path": shard_path(task["split"], task["index"]),
+                "rows": 0, "sha256": "", "bad": 0, "reasons": {}, "bytes": 0, "reused": False, "ids": b"",
+                "missing": "", "failed": describe_failure(e)}
+
+
+def _write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: int) -> dict[str, Any]:
     storage.configure(opts)
     dst, split, index = task["dst"], task["split"], task["index"]
     reused = _reuse(dst, split, index)
@@ -185,10 +219,14 @@ def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: 
     rows = validate(task, max_pixels)
     if rows.bad["source"]:  # errors first: a shard present implies its errors file is too
         storage.write_table(storage.join(dst, error_path(split, index)), pa.table(rows.bad, schema=ERROR_SCHEMA))
-    data = storage.write_table(storage.join(dst, shard_path(split, index)),
-                               pa.table(rows.good, schema=SHARD_SCHEMA),
+    data = _write(dst, split, index, pa.table(rows.good, schema=SHARD_SCHEMA))
+    return _result(split, index, data, rows.good["image_id"], rows.bad["source"], rows.bad["error"],
+                   reused=False)
+
+
+def _write(dst: str, split: str, index: int, table: pa.Table) -> bytes:
+    return storage.write_table(storage.join(dst, shard_path(split, index)), table,
                                compression="none")  # images are compressed already
-    return _result(split, index, data, len(rows.good["source"]), rows.bad["error"], reused=False)
 
 
 def _reuse(dst: str, split: str, index: int) -> dict[str, Any] | None:
@@ -197,18 +235,51 @@ def _reuse(dst: str, split: str, index: int) -> dict[str, Any] | None:
     if not storage.exists(shard_uri):
         return None
     data = storage.read_bytes(shard_uri)
-    rows = pq.read_metadata(pa.BufferReader(data)).num_rows
+    ids = pq.read_table(pa.BufferReader(data), columns=["image_id"]).column("image_id").to_pylist()
     error_uri = storage.join(dst, error_path(split, index))
-    errors = (storage.read_table(error_uri, columns=["error"]).column("error").to_pylist()
-              if storage.exists(error_uri) else [])
-    return _result(split, index, data, rows, errors, reused=True)
+    errors = (storage.read_table(error_uri, columns=["source", "error"]) if storage.exists(error_uri)
+              else pa.table({"source": pa.array([], pa.string()), "error": pa.array([], pa.string())}))
+    return _result(split, index, data, ids, errors.column("source").to_pylist(),
+                   errors.column("error").to_pylist(), reused=True)
 
 
-def _result(split: str, index: int, data: bytes, rows: int, errors: list[str], reused: bool) -> dict[str, Any]:
-    """One task's row in the job's output (Ray Data rows are dicts)."""
-    return {"split": split, "index": index, "path": shard_path(split, index), "rows": rows,
+def _result(split: str, index: int, data: bytes, ids: list[str], bad_sources: list[str], errors: list[str],
+            reused: bool) -> dict[str, Any]:
+    """One task's row in the job's output (Ray Data rows are dicts). ``ids``: the 64-bit
+    prefixes of the shard's image ids, in row order (for :func:`separate_duplicates`);
+    ``missing``: up to :data:`MAX_NAMED` sources that do not exist."""
+    missing = [s for s, e in zip(bad_sources, errors) if e.startswith(MISSING + ":")][:MAX_NAMED]
+    return {"split": split, "index": index, "path": shard_path(split, index), "rows": len(ids),
             "sha256": hashlib.sha256(data).hexdigest(), "bad": len(errors), "reasons": _reasons(errors),
-            "bytes": len(data), "reused": reused}
+            "bytes": len(data), "reused": reused, "ids": id_keys(ids), "missing": "\n".join(missing),
+            "failed": ""}
+
+
+def describe_failure(e: Exception) -> str:
+    """An exception as JSON text (its class's qualified name and message) for the driver."""
+    return json.dumps({"type": f"{type(e).__module__}.{type(e).__qualname__}", "message": str(e)})
+
+
+def raise_failure(described: str) -> NoReturn:
+    """Raise what :func:`describe_failure` described: the same class for pipeline's
+    ``UserError`` / ``JobFailed`` types (exit 2 / 1 with their one line), else
+    ``JobFailed`` naming the type (exit 1)."""
+    d = json.loads(described)
+    module, _, name = d["type"].rpartition(".")
+    cls: Any = None
+    if module.split(".")[0] == "pipeline":  # only our own error types are re-created by name
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
+    if isinstance(cls, type) and issubclass(cls, (UserError, JobFailed)):
+        raise cls(d["message"])
+    raise JobFailed(f"{name}: {d['message']}")
+
+
+def id_keys(ids: list[str]) -> bytes:
+    """The first 8 bytes of each hex sha256 in ``ids``, concatenated (uint64 keys)."""
+    return b"".join(bytes.fromhex(i[:16]) for i in ids)
 
 
 def _reasons(errors: list[str]) -> dict[str, int]:
@@ -229,6 +300,57 @@ class PackPlan:
     rows_per_shard: int
 
 
+def check_args(cfg: Config) -> None:
+    """UserError (exit 2) naming the flag, for split and shard settings pack can not honour."""
+    d = cfg.data
+    for flag, key, value in (("--val", "data.val_fraction", d.val_fraction),
+                             ("--test", "data.test_fraction", d.test_fraction)):
+        if not 0 <= value < 1:  # also refuses NaN
+            raise UserError(f"{flag} ({key}) must be in [0, 1); got {value}")
+    if not d.val_fraction + d.test_fraction < 1:
+        raise UserError(f"--val + --test (data.val_fraction + data.test_fraction) must be < 1 so that "
+                        f"training keeps images; got {d.val_fraction} + {d.test_fraction}")
+    if d.shard_rows < 0:
+        raise UserError(f"--shard-rows (data.shard_rows) must be >= 0 (0: size shards by data.shard_mb); "
+                        f"got {d.shard_rows}")
+    if d.shard_rows == 0 and not d.shard_mb > 0:
+        raise UserError(f"data.shard_mb must be > 0 when --shard-rows is 0; got {d.shard_mb}")
+
+
+def settings(src: str, seed: int, cfg: Config) -> dict[str, Any]:
+    """What decides a dataset's contents, as recorded in its manifest and compared on rerun."""
+    out = {"source": storage.normalize(src), "seed": seed,
+           "fractions": {"val": cfg.data.val_fraction, "test": cfg.data.test_fraction},
+           "shard_rows": cfg.data.shard_rows}
+    if cfg.data.shard_rows == 0:  # shards sized by bytes
+        out["shard_mb"] = cfg.data.shard_mb
+    return out
+
+
+def committed(src: str, dst: str, seed: int, cfg: Config, classes: list[str] | None) -> Manifest | None:
+    """The manifest at ``dst`` if it is committed from the same source and settings; None if
+    nothing is committed there; UserError naming both if it was packed differently.
+    (Keys an older manifest lacks are not compared.)"""
+    if not is_dataset(dst):
+        return None
+    m = read_manifest(dst)
+    differs = [f"{k} {m.raw[k]!r} (committed) vs {v!r} (this run)"
+               for k, v in settings(src, seed, cfg).items() if k in m.raw and m.raw[k] != v]
+    if classes is not None and list(classes) != m.classes:
+        differs.append(f"classes {m.classes} (committed) vs {list(classes)} (this run)")
+    if differs:
+        raise UserError(f"{dst} is already committed from {m.raw.get('source', '?')} with other settings: "
+                        f"{'; '.join(differs)}; pack into a new DST (or delete {dst} first)")
+    return m
+
+
+def refuse_file(uri: str, role: str) -> None:
+    """UserError (exit 2) if ``uri`` is an existing regular file (a folder is expected)."""
+    if storage.exists(uri) and not storage.isdir(uri):
+        raise UserError(f"{role} {uri} is a file; pack writes a dataset folder there: name a folder "
+                        f"(new, or one packed from the same source)")
+
+
 def plan(src: str, dst: str, cfg: Config, seed: int, classes: list[str] | None) -> PackPlan:
     """List ``src``, split it and cut it into shard tasks (the listing is freed on return)."""
     listing = list_source(src)
@@ -241,10 +363,15 @@ def plan(src: str, dst: str, cfg: Config, seed: int, classes: list[str] | None) 
 def _class_names(listing: pa.Table, src: str, classes: list[str] | None) -> list[str]:
     found = sorted(set(listing.column("label_name").to_pylist()))  # contract: sorted names
     if classes is None:
+        if len(found) < 2:
+            raise UserError(f"{src} has {len(found)} class ({', '.join(found)}); a classifier needs at least "
+                            f"two classes (<class>/<image> folders, or a listing's label column)")
         return found
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise UserError(f"{src} has classes not in the dataset: {', '.join(unknown)}; valid: {', '.join(classes)}")
+    if len(classes) < 2:
+        raise UserError(f"classes {list(classes)}: a classifier needs at least two classes")
     return list(classes)
 
 
@@ -275,7 +402,9 @@ def shard_tasks(listing: pa.Table, parts: dict[str, list[int]], classes: list[st
 
 
 def run_tasks(p: PackPlan, dst: str, cfg: Config, quiet: bool, t0: float) -> list[dict[str, Any]]:
-    """Run the shard tasks on Ray Data under the stall watchdog; their results, as they finish."""
+    """Run the shard tasks on Ray Data under the stall watchdog; their results, as they
+    finish. A task's exception is raised here as itself, once (:func:`raise_failure`): it
+    was returned as data, so Ray Data neither retries it nor logs Ray's retry hint."""
     import ray.data  # deferred: ~1.7 s to import, and listing/splitting/write_shard need none of it
 
     ensure_ray(cfg, quiet=quiet)
@@ -287,6 +416,8 @@ def run_tasks(p: PackPlan, dst: str, cfg: Config, quiet: bool, t0: float) -> lis
     with Watchdog(f"pack into {dst}", dst, cfg.ray.stall_timeout_s) as dog:
         for r in ds.iter_rows():
             dog.beat()
+            if r["failed"]:
+                raise_failure(r["failed"])  # stops the job: the other tasks are cancelled
             results.append(r)
             done += r["rows"] + r["bad"]
             if not quiet:
@@ -299,15 +430,83 @@ def run_tasks(p: PackPlan, dst: str, cfg: Config, quiet: bool, t0: float) -> lis
 def tally(results: list[dict[str, Any]], total: int, src: str, dst: str, cfg: Config) -> tuple[int, dict[str, int]]:
     """(bad images, counts per reason); refuses a job with no good image or too many bad ones."""
     bad = sum(r["bad"] for r in results)
+    missing = _missing(results)
+    named = f"; missing: {', '.join(missing)}{' ...' if len(missing) >= MAX_NAMED else ''}" if missing else ""
+    if missing:
+        log.warning("pack: listed images that do not exist: %s%s", ", ".join(missing),
+                    " ..." if len(missing) >= MAX_NAMED else "")
     if sum(r["rows"] for r in results) == 0:
-        raise UserError(f"no readable images in {src}: all {bad} were bad (see {dst}/{ERRORS_DIR}/)")
+        raise UserError(f"no readable images in {src}: all {bad} were bad (see {dst}/{ERRORS_DIR}/){named}")
     if bad / max(total, 1) > cfg.data.max_bad_fraction:
         raise JobFailed(f"{bad} of {total} images are bad ({bad / total:.2%} > data.max_bad_fraction "
-                        f"{cfg.data.max_bad_fraction:.2%}); see {dst}/{ERRORS_DIR}/ ; manifest not written")
+                        f"{cfg.data.max_bad_fraction:.2%}); see {dst}/{ERRORS_DIR}/ ; manifest not written{named}")
     reasons: Counter[str] = Counter()
     for r in results:
         reasons.update(r["reasons"])
     return bad, dict(reasons)
+
+
+def _missing(results: list[dict[str, Any]]) -> list[str]:
+    """Up to :data:`MAX_NAMED` listed sources that do not exist, sorted."""
+    return sorted(u for r in results for u in r["missing"].split("\n") if u)[:MAX_NAMED]
+
+
+# ------------------------------------------------------- one image in one split
+
+
+def separate_duplicates(results: list[dict[str, Any]], dst: str) -> int:
+    """Keep every copy of an image (one ``image_id``) in one split; returns rows dropped.
+
+    Splits are assigned per listed object before its bytes are read, so identical files
+    under two names (or two class folders) can land in two splits. Hashing every image
+    first would read the source twice; instead each task returns 64-bit prefixes of its
+    ids, the driver finds prefixes present in more than one split (a few numpy set
+    operations, 8 bytes per image), confirms them against the full ids in those shards
+    only, and rewrites the shards of the losing splits without those rows: the split
+    first in :data:`KEEP_ORDER` keeps the image. ``results`` is updated in place (rows,
+    sha256, bytes of rewritten shards). Idempotent: a rerun after a crash reuses the
+    rewritten shards, finds nothing left to separate, and commits the same dataset."""
+    keys = [np.frombuffer(r["ids"], dtype=np.uint64) for r in results]
+    per_split = [np.unique(np.concatenate([k for k, r in zip(keys, results) if r["split"] == s] or
+                                          [np.empty(0, np.uint64)])) for s in SPLITS]
+    values, counts = np.unique(np.concatenate(per_split), return_counts=True)
+    candidates = values[counts > 1]
+    if candidates.size == 0:
+        return 0
+    found: dict[int, list[str]] = {}  # result index -> full ids of its candidate rows
+    for n, (k, r) in enumerate(zip(keys, results)):
+        hit = np.isin(k, candidates)
+        if hit.any():
+            col = storage.read_table(storage.join(dst, r["path"]), columns=["image_id"]).column("image_id")
+            found[n] = [i for i, h in zip(col.to_pylist(), hit) if h]
+    splits_of: dict[str, set[str]] = {}
+    for n, ids in found.items():
+        for i in ids:
+            splits_of.setdefault(i, set()).add(results[n]["split"])
+    keep = {i: next(s for s in KEEP_ORDER if s in ss) for i, ss in splits_of.items() if len(ss) > 1}
+    dropped = 0
+    for n, ids in found.items():
+        drop = {i for i in ids if i in keep and keep[i] != results[n]["split"]}
+        if drop:
+            results[n], gone = _drop_rows(dst, results[n], drop)
+            dropped += gone
+    if dropped:
+        log.warning("pack: %d images had identical copies in other splits (%d ids); each kept in one split",
+                    dropped, len(keep))
+    return dropped
+
+
+def _drop_rows(dst: str, r: dict[str, Any], ids: set[str]) -> tuple[dict[str, Any], int]:
+    """Rewrite the shard of result ``r`` without rows whose image_id is in ``ids``."""
+    table = read_shard(storage.join(dst, r["path"]), r["sha256"])
+    kept = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(ids)))))
+    data = _write(dst, r["split"], r["index"], kept)
+    new = {**r, "rows": kept.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+           "ids": id_keys(kept.column("image_id").to_pylist())}
+    return new, table.num_rows - kept.num_rows
+
+
+# ------------------------------------------------------------------ the command
 
 
 def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False,
@@ -315,44 +514,62 @@ def pack(src: str, dst: str, cfg: Config, seed: int = 0, quiet: bool = False,
     """``imgpipe pack``: list ``src``, write shards and ``manifest.json`` under ``dst``.
 
     ``classes`` fixes the label mapping (new data for an existing dataset must use the
-    dataset's classes); by default it is the sorted class names found in ``src``."""
+    dataset's classes); by default it is the sorted class names found in ``src``. A
+    ``dst`` committed from the same source and settings is a no-op; from another, a
+    UserError. The run holds ``dst``'s lease (:func:`pipeline.ops.lease.hold`), so a
+    second pack into the same ``dst`` while this one lives exits 2."""
     t0 = time.time()
+    check_args(cfg)
     dst = storage.normalize(dst)
-    if is_dataset(dst):
-        log.info("pack: %s is already committed (%s); nothing to do", dst, MANIFEST)
-        return _summary(read_manifest(dst), dst, time.time() - t0, already=True)
+    refuse_file(dst, "DST")
+    done = committed(src, dst, seed, cfg, classes)  # a no-op reads nothing of SRC
+    if done is None:
+        check_source(src)  # SRC's errors before DST is touched (the lease writes there)
+        with lease.hold(dst, what="pack", ttl_s=cfg.ray.lease_ttl_s) as held:
+            done = committed(src, dst, seed, cfg, classes)  # a run that committed while we started
+            if done is None:
+                return _pack(src, dst, cfg, seed, quiet, classes, t0, held)
+    log.info("pack: %s is already committed (%s) from the same source and settings; nothing to do", dst, MANIFEST)
+    return _summary(done, dst, time.time() - t0, already=True)
+
+
+def _pack(src: str, dst: str, cfg: Config, seed: int, quiet: bool, classes: list[str] | None, t0: float,
+          held: lease.Held) -> dict[str, Any]:
+    """The pack run proper, under the lease ``held``."""
     p = plan(src, dst, cfg, seed, classes)
     log.info("pack: %d images, %d classes -> %d shards (%d rows each) under %s",
              p.images, len(p.classes), len(p.tasks), p.rows_per_shard, dst)
     results = run_tasks(p, dst, cfg, quiet, t0)
     bad, reasons = tally(results, p.images, src, dst, cfg)
     results.sort(key=lambda r: (SPLITS.index(r["split"]), r["index"]))
+    duplicates = separate_duplicates(results, dst)
     manifest = {
         "format": 1,
         "classes": p.classes,
         "splits": {s: [{"path": r["path"], "rows": r["rows"], "sha256": r["sha256"]}
                        for r in results if r["split"] == s] for s in SPLITS},
-        "source": storage.normalize(src),
+        **settings(src, seed, cfg),  # source, seed, fractions, shard_rows (shard_mb): compared on rerun
+        "rows_per_shard": p.rows_per_shard,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seed": seed,
-        "fractions": {"val": cfg.data.val_fraction, "test": cfg.data.test_fraction},
         "bad_images": bad,
         "bad_reasons": reasons,
+        "missing_sources": _missing(results),
+        "cross_split_duplicates": duplicates,
     }
+    held.check()  # never commit over a run that took the lease over
     storage.write_json(storage.join(dst, MANIFEST), manifest)  # last: commits the dataset
-    return _summary(read_manifest(dst), dst, time.time() - t0, bad=bad, reasons=reasons,
-                    reused=sum(1 for r in results if r["reused"]))
+    return _summary(read_manifest(dst), dst, time.time() - t0, reused=sum(1 for r in results if r["reused"]))
 
 
-def _summary(m: Manifest, dst: str, seconds: float, already: bool = False, bad: int | None = None,
-             reasons: dict | None = None, reused: int = 0) -> dict[str, Any]:
+def _summary(m: Manifest, dst: str, seconds: float, already: bool = False, reused: int = 0) -> dict[str, Any]:
     """The JSON line ``imgpipe pack`` prints."""
     images_total = sum(m.rows(s) for s in m.splits)
     out = {"dataset_uri": dst, "manifest_sha256": m.sha256, "classes": len(m.classes),
            "images": images_total, **{f"{s}_images": m.rows(s) for s in m.splits},
            "shards": sum(len(v) for v in m.splits.values()),
-           "bad_images": m.raw.get("bad_images", 0) if bad is None else bad,
-           "bad_reasons": m.raw.get("bad_reasons", {}) if reasons is None else reasons,
+           "bad_images": m.raw.get("bad_images", 0), "bad_reasons": m.raw.get("bad_reasons", {}),
+           "missing_sources": m.raw.get("missing_sources", []),
+           "cross_split_duplicates": m.raw.get("cross_split_duplicates", 0),
            "seconds": round(seconds, 3), "already_committed": already, "reused_shards": reused}
     if not already and seconds > 0:
         out["images_per_second"] = round((images_total + out["bad_images"]) / seconds, 1)

@@ -41,6 +41,7 @@ class DemoLayout:
     """Where the demo keeps things under its workdir (a local folder or any URI)."""
 
     root: str
+    seed: int = 0  # the split seed: each seed packs its own shard set (pack refuses a re-split)
 
     @property
     def images(self) -> str:
@@ -48,7 +49,8 @@ class DemoLayout:
 
     @property
     def shards(self) -> str:
-        return storage.join(self.root, "bucket", "shards")
+        name = "shards" if self.seed == 0 else f"shards-seed{self.seed}"
+        return storage.join(self.root, "bucket", name)
 
     @property
     def test_listing(self) -> str:
@@ -67,7 +69,7 @@ def run(workdir: str, cfg: Config, quiet: bool = False, per_class: int | None = 
     images yet; a rerun reuses what is there.
     """
     t0 = time.time()
-    where = DemoLayout(storage.normalize(workdir))
+    where = DemoLayout(storage.normalize(workdir), seed=cfg.train.seed)
     cfg.train.storage = storage.join(where.root, "runs")
     cfg.registry.uri = storage.join(where.root, "registry")
     cfg.data.manifest = where.shards
