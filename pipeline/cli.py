@@ -56,6 +56,9 @@ def _add_submit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
     p.add_argument("--submission-id", default=None, help="fixed id: a second submission is a no-op")
     p.add_argument("--working-dir", default=None, help="project folder shipped to the cluster (default: this project)")
+    p.add_argument("--retry-s", type=float, default=120.0, metavar="S",
+                   help="retry a job server that is still starting (HTTP 5xx, dropped connections) for up "
+                        "to S seconds until the job is accepted (default: %(default)s; 0: no retries)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS...")
 
 
@@ -203,7 +206,7 @@ def _cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
 
     rest = args.args[1:] if args.args[:1] == ["--"] else list(args.args)
     return submit.run(args.address, rest, wait=args.wait, submission_id=args.submission_id,
-                      working_dir=args.working_dir, quiet=args.quiet)
+                      working_dir=args.working_dir, quiet=args.quiet, retry_s=args.retry_s)
 
 
 HANDLERS = {

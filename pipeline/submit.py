@@ -10,24 +10,39 @@ exit code (0 SUCCEEDED; 1 FAILED or STOPPED, with the job's last log lines). Clu
 with token authentication get the local token ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or
 ~/.ray/auth_token), as ``ray job`` sends it.
 
+A head that is still starting answers "No available agent to submit job, please try
+again" (HTTP 500) until its job agent is up. Until the job is accepted, such transient
+failures (5xx, 408, 429, dropped connections, timeouts: :func:`read_failure`) are
+retried with backoff for ``retry_s`` seconds (:class:`Retry`, ``--retry-s``). A retry
+never submits twice: every submission carries an id (``--submission-id``, or one made
+here), each retry first looks that id up (an attempt that failed on the way back may
+have been accepted), and Ray's job server refuses a second job under one id anyway.
+An address where nothing answers at all still fails at once (exit 2): a typo should
+not wait two minutes.
+
 Ctrl-C while waiting stops following, not the job: it keeps running on the cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import re
+import secrets
 import shlex
+import string
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import requests
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
@@ -37,11 +52,112 @@ PROBE_TIMEOUT_S = 5.0  # an unreachable job server fails the command within seco
 POLL_S = 1.0  # status and log polling interval while waiting
 LOST_CONTACT_S = 120.0  # waiting gives up after the job server is unreachable this long
 TAIL_LINES = 20  # log lines quoted when a job fails
+RETRY_S = 120.0  # default --retry-s: how long transient failures before acceptance are retried
+BACKOFF_S = 1.0  # first pause between attempts, doubling up to BACKOFF_MAX_S
+BACKOFF_MAX_S = 10.0
 
 EXCLUDES = [".git", ".venv", "venv", "runs", "imgpipe-demo", "*.parquet", ".device-kit",
             "__pycache__", "benchmarks/results*"]
 PASS_ENV = ("AWS_ENDPOINT_URL",)  # forwarded to the job when set here; never credentials
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------- failures and retries
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """What a failed job API call means."""
+
+    status: int | None  # HTTP status; None when no HTTP answer came
+    transient: bool  # worth another attempt: the same call may succeed later
+    id_taken: bool  # the server already holds a job under this submission id
+    not_found: bool  # no such job
+
+
+# Ray's JobSubmissionClient._raise_error (ray/dashboard/modules/dashboard_sdk.py, Ray 2.x)
+_RAY_HTTP_ERROR = re.compile(r"Request failed with status code (\d{3}): (.*)", re.DOTALL)
+_NO_ANSWER = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+              ConnectionError, TimeoutError)  # refused, reset, dropped mid-answer, timed out
+
+
+def read_failure(e: BaseException) -> Failure:
+    """Classify ``e`` from a job API call. By type where there is one: no answer
+    (:data:`_NO_ANSWER`) is transient, AuthenticationError and TLS errors never are,
+    requests' HTTPError carries its status. Ray's client raises a bare RuntimeError
+    ``"Request failed with status code NNN: <body>."`` for every other HTTP error, so
+    its status and body are read from that text: here, and nowhere else. A 5xx, 408 or
+    429 is transient ("No available agent to submit job" from a starting head is a 500),
+    except the 500 that says the submission id already exists (the job agent's
+    refusal of a second job under one id, passed on by the head)."""
+    if isinstance(e, (AuthenticationError, requests.exceptions.SSLError)):  # retrying cannot fix them
+        return Failure(None, transient=False, id_taken=False, not_found=False)
+    if isinstance(e, requests.HTTPError) and e.response is not None:
+        status, body = int(e.response.status_code), e.response.text or ""
+    elif isinstance(e, _NO_ANSWER):
+        return Failure(None, transient=True, id_taken=False, not_found=False)
+    elif isinstance(e, RuntimeError) and (m := _RAY_HTTP_ERROR.match(str(e))):
+        status, body = int(m.group(1)), m.group(2)
+    else:
+        return Failure(None, transient=False, id_taken=False, not_found=False)
+    id_taken = "already exists" in body
+    return Failure(status, transient=(status >= 500 or status in (408, 429)) and not id_taken,
+                   id_taken=id_taken, not_found=status == 404)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@dataclasses.dataclass
+class Retry:
+    """The retry window of one submission: transient failures (:func:`read_failure`) are
+    retried after pauses of ``first_s``, doubling up to ``max_s``, until ``window_s``
+    seconds after the window opened; then the last failure is raised."""
+
+    window_s: float = RETRY_S
+    address: str = ""
+    quiet: bool = False
+    first_s: float = BACKOFF_S
+    max_s: float = BACKOFF_MAX_S
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0  # transient failures so far
+    opened: float = dataclasses.field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.window_s < 0:
+            raise UserError(f"--retry-s must be >= 0 seconds, got {self.window_s:g}")
+        self.opened = self.clock()
+
+    def pause(self, e: BaseException) -> bool:
+        """After transient failure ``e``: sleep before the next attempt (True), or False
+        when the next attempt would start after the window closes."""
+        delay = min(self.max_s, self.first_s * 2 ** self.failures)
+        self.failures += 1
+        if self.clock() + delay > self.opened + self.window_s:
+            return False
+        _say(f"imgpipe: Ray job server at {self.address} not ready ({_first_line(e)}); "
+             f"retrying in {delay:g} s", self.quiet)
+        self.sleep(delay)
+        return True
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()``, retried while it fails transiently and the window is open."""
+        while True:
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - transient ones retried, the rest re-raised
+                if not (read_failure(e).transient and self.pause(e)):
+                    raise
+
+    def gave_up(self) -> str:
+        """Words for a failure message once retrying stopped: '' when nothing was retried."""
+        if self.failures <= 1:
+            return ""
+        return f" (still failing after {self.failures} attempts in {self.window_s:g} s; see --retry-s)"
 
 
 def project_root(package_dir: Path | None = None) -> Path | None:
@@ -122,20 +238,22 @@ def _explicit_address() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def make_client(address: str) -> JobSubmissionClient:
-    """A ``JobSubmissionClient`` for ``address`` (probed first, so this fails fast)."""
+def make_client(address: str, retry: Retry | None = None) -> JobSubmissionClient:
+    """A ``JobSubmissionClient`` for ``address`` (probed first, so this fails fast when
+    nothing answers; transient failures after that are retried under ``retry``)."""
     address = normalize_address(address)
     headers = auth_headers(address, probe(address))
     _quiet_ray_logs()
+    retry = retry or Retry(0.0, address)
     with _explicit_address():
         try:
-            return JobSubmissionClient(address, headers=headers)
+            return retry.call(lambda: JobSubmissionClient(address, headers=headers))
         except AuthenticationError as e:
             first = str(e.message).strip().splitlines()[0] if e.message else "refused"
             raise UserError(f"Ray job server at {address} refused this client's token ({first}); "
                             "set RAY_AUTH_TOKEN to the cluster's token") from None
-        except (ConnectionError, RuntimeError) as e:
-            raise UserError(f"cannot reach Ray job server at {address}: {e}") from None
+        except (ConnectionError, RuntimeError, requests.RequestException) as e:
+            raise UserError(f"cannot reach Ray job server at {address}: {e}{retry.gave_up()}") from None
 
 
 class _DropExcludeNotice(logging.Filter):
@@ -183,19 +301,26 @@ def entrypoint(argv: list[str]) -> str:
     return shlex.join(["python", "-m", "pipeline", *argv])
 
 
-def _is_not_found(e: Exception) -> bool:
-    text = str(e)
-    return "404" in text or "does not exist" in text or "not found" in text.lower()
+def new_submission_id() -> str:
+    """A fresh id in Ray's own style (``raysubmit_`` + 16 letters and digits), made here
+    rather than by the server so that a retried submission reuses it."""
+    alphabet = string.ascii_letters + string.digits
+    return "raysubmit_" + "".join(secrets.choice(alphabet) for _ in range(16))
 
 
-def _existing_job(client: Any, submission_id: str) -> Any | None:
-    """The job info of ``submission_id``, or None when there is no such job."""
+def _existing_job(client: Any, submission_id: str, retry: Retry | None = None) -> Any | None:
+    """The job info of ``submission_id``, or None when there is no such job (transient
+    failures retried under ``retry``; none without it)."""
+    retry = retry or Retry(0.0)
     try:
-        return client.get_job_info(submission_id)
-    except RuntimeError as e:
-        if _is_not_found(e):
+        return retry.call(lambda: client.get_job_info(submission_id))
+    except Exception as e:  # noqa: BLE001 - classified: job server failures reported, the rest re-raised
+        failure = read_failure(e)
+        if failure.not_found:
             return None
-        raise JobFailed(f"cannot look up job {submission_id}: {e}") from None
+        if failure.transient or isinstance(e, RuntimeError):
+            raise JobFailed(f"cannot look up job {submission_id}: {e}{retry.gave_up()}") from None
+        raise
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -203,13 +328,61 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def submit_once(client: Any, cmd: str, env: dict[str, Any], submission_id: str, retry: Retry) -> bool:
+    """Submit ``cmd`` under ``submission_id`` exactly once, retrying transient failures
+    under ``retry``; True when the job under that id is this call's, False when another
+    submitter already held the id. JobFailed when it cannot be submitted."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            client.submit_job(entrypoint=cmd, runtime_env=env or None, submission_id=submission_id)
+            return True
+        except Exception as e:  # noqa: BLE001 - classified: transient retried, the rest reported
+            failure = read_failure(e)
+            if failure.id_taken:  # after a retry: our own earlier attempt was accepted after all
+                return attempt > 1
+            if not failure.transient and not isinstance(e, RuntimeError):
+                raise
+            if not (failure.transient and retry.pause(e)):
+                raise JobFailed(f"job submission to {retry.address} failed: {e}{retry.gave_up()}") from None
+        with contextlib.suppress(JobFailed):  # unknown: submitting again is safe (the id is kept)
+            if _existing_job(client, submission_id) is not None:
+                return True  # an attempt that failed on the way back was accepted
+
+
+def _submit_or_find(client: Any, cmd: str, env: dict[str, Any], submission_id: str | None,
+                    retry: Retry, quiet: bool) -> tuple[str, Any | None, bool]:
+    """(submission id, its job info, duplicate): the existing job under a given id, else
+    a new submission."""
+    existing = _existing_job(client, submission_id, retry) if submission_id else None
+    if existing is not None:
+        _say(f"imgpipe: job {submission_id} already exists ({str(existing.status)}); not submitting again", quiet)
+        if existing.entrypoint and existing.entrypoint != cmd:
+            _say(f"imgpipe: note: that job runs {existing.entrypoint!r}, not {cmd!r}", quiet)
+        return submission_id, existing, True
+    if "working_dir" not in env:
+        _say("imgpipe: no source checkout here and no --working-dir: the job runs the imgpipe "
+             "installed on the cluster", quiet)
+    sid = submission_id or new_submission_id()
+    if submit_once(client, cmd, env, sid, retry):
+        _say(f"imgpipe: submitted job {sid} to {retry.address}: {cmd}", quiet)
+        duplicate = False
+    else:  # lost a race with another submitter using the same fixed id: same outcome
+        _say(f"imgpipe: job {sid} already exists; not submitting again", quiet)
+        duplicate = True
+    return sid, _existing_job(client, sid, retry), duplicate
+
+
 def run(address: str, argv: list[str], *, wait: bool = False, submission_id: str | None = None,
-        working_dir: str | None = None, quiet: bool = False) -> dict[str, Any]:
+        working_dir: str | None = None, quiet: bool = False, retry_s: float = RETRY_S) -> dict[str, Any]:
     """Submit ``python -m pipeline ARGV...`` as a Ray job; with ``wait``, follow it to the end.
 
-    Returns the summary ``{"submission_id", "status", "address", "entrypoint",
-    "duplicate"}``. Raises ``UserError`` (exit 2) for an unreachable address or bad
-    arguments, ``JobFailed`` (exit 1) when a followed job ends FAILED or STOPPED.
+    Transient failures before the job is accepted are retried for ``retry_s`` seconds
+    (see the module docstring). Returns the summary ``{"submission_id", "status",
+    "address", "entrypoint", "duplicate"}``. Raises ``UserError`` (exit 2) for an
+    unreachable address or bad arguments, ``JobFailed`` (exit 1) when submission fails
+    or a followed job ends FAILED or STOPPED.
     """
     if not argv:
         raise UserError("submit needs a command after '--', e.g. imgpipe submit --address URL -- train cfg.yaml")
@@ -218,32 +391,9 @@ def run(address: str, argv: list[str], *, wait: bool = False, submission_id: str
     address = normalize_address(address)
     env = runtime_env(working_dir)
     cmd = entrypoint(list(argv))
-    client = make_client(address)
-
-    duplicate = False
-    existing = _existing_job(client, submission_id) if submission_id else None
-    if existing is not None:
-        duplicate = True
-        _say(f"imgpipe: job {submission_id} already exists ({str(existing.status)}); not submitting again", quiet)
-        if existing.entrypoint and existing.entrypoint != cmd:
-            _say(f"imgpipe: note: that job runs {existing.entrypoint!r}, not {cmd!r}", quiet)
-    else:
-        if "working_dir" not in env:
-            _say("imgpipe: no source checkout here and no --working-dir: the job runs the imgpipe "
-                 "installed on the cluster", quiet)
-        try:
-            submission_id = client.submit_job(entrypoint=cmd, runtime_env=env or None,
-                                              submission_id=submission_id)
-        except RuntimeError as e:
-            # Lost a race with another submitter using the same fixed id: same outcome.
-            if submission_id and "already exists" in str(e):
-                duplicate = True
-                _say(f"imgpipe: job {submission_id} already exists; not submitting again", quiet)
-            else:
-                raise JobFailed(f"job submission to {address} failed: {e}") from None
-        else:
-            _say(f"imgpipe: submitted job {submission_id} to {address}: {cmd}", quiet)
-        existing = _existing_job(client, submission_id)
+    retry = Retry(retry_s, address, quiet)
+    client = make_client(address, retry)
+    submission_id, existing, duplicate = _submit_or_find(client, cmd, env, submission_id, retry, quiet)
 
     summary = {"submission_id": submission_id,
                "status": str(existing.status) if existing is not None else "PENDING",
@@ -283,7 +433,7 @@ def follow(client: Any, submission_id: str, address: str, *, quiet: bool = False
                     last_logs = now
                 last_contact = now
             except Exception as e:  # noqa: BLE001 - a head restart or a network blip: retry
-                if isinstance(e, RuntimeError) and _is_not_found(e):
+                if read_failure(e).not_found:
                     raise JobFailed(f"job {submission_id} no longer exists on {address} "
                                     f"(deleted, or the cluster was replaced)") from None
                 if time.monotonic() - last_contact > LOST_CONTACT_S:

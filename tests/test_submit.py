@@ -7,6 +7,9 @@ authentication is Ray's default for new clusters), and is stopped by process id:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import json
 import os
 import secrets
@@ -16,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +27,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
+from ray.exceptions import AuthenticationError
 
 from pipeline import cli, submit
 from pipeline.errors import JobFailed, UserError
@@ -132,8 +138,11 @@ def _client_env(token: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def head():
+@contextlib.contextmanager
+def _ray_head(wait_for_jobs: bool = True):
+    """A fresh `ray start --head` with its own temp dir, ports and token; with
+    ``wait_for_jobs``, yields once an authenticated job listing answers, else as soon as
+    `ray start` returns (the job agent may still be starting)."""
     temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # unix socket paths < 107 chars
     token = secrets.token_hex(32)
     token_path = Path(temp_dir) / "token"
@@ -155,7 +164,7 @@ def head():
         r = subprocess.run(cmd, env=env, cwd=temp_dir, capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, f"ray start failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         deadline = time.monotonic() + 60
-        while True:  # the job API is up when an authenticated job listing answers
+        while wait_for_jobs:  # the job API is up when an authenticated job listing answers
             req = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
             try:
                 with urllib.request.urlopen(req, timeout=2) as resp:
@@ -172,6 +181,12 @@ def head():
         assert not left, f"Ray head processes survived: {sorted(left)}"
 
 
+@pytest.fixture(scope="module")
+def head():
+    with _ray_head() as h:
+        yield h
+
+
 @pytest.fixture
 def client_env(head, monkeypatch):
     """In-process CLI calls: no RAY_ADDRESS, the head's token in RAY_AUTH_TOKEN."""
@@ -186,6 +201,118 @@ def _last_json(text: str) -> dict:
 
 
 # ------------------------------------------------------------------------- tests
+
+
+def test_submit_right_after_ray_start(tmp_path, monkeypatch):
+    """Submitting the moment `ray start --head` returns, before the head's job agent may be
+    up ("No available agent to submit job", HTTP 500): retried, accepted once, run."""
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    with _ray_head(wait_for_jobs=False) as fresh:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", fresh.token)
+        summary = submit.run(fresh.address, ["models", "list", "--registry", str(tmp_path)],
+                             wait=True, quiet=True, retry_s=120)
+        assert summary["status"] == "SUCCEEDED" and summary["duplicate"] is False
+        jobs = fresh.client().list_jobs()
+        assert [j.submission_id for j in jobs] == [summary["submission_id"]]  # exactly one job
+
+
+class _StartingHeadProxy(http.server.ThreadingHTTPServer):
+    """An HTTP proxy in front of a real head that plays a head still starting: the first
+    ``refusals`` job submissions get Ray's own 500 "No available agent" answer; with
+    ``drop_accepted``, the next one reaches the head and its answer is then lost (the
+    connection closes unanswered). Everything else passes through."""
+
+    def __init__(self, upstream: str, refusals: int, drop_accepted: bool):
+        self.upstream, self.refusals, self.drop_accepted = upstream, refusals, drop_accepted
+        self.posts = 0
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: _StartingHeadProxy
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        proxy = self.server
+        if self.command == "POST" and self.path.rstrip("/") == "/api/jobs":
+            proxy.posts += 1
+            if proxy.refusals > 0:
+                proxy.refusals -= 1
+                return self._answer(500, b"No available agent to submit job, please try again later.")
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+        req = urllib.request.Request(proxy.upstream + self.path, data=body or None, method=self.command,
+                                     headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, data = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, data = e.code, e.read()
+        if self.command == "POST" and status == 200 and proxy.drop_accepted:
+            proxy.drop_accepted = False
+            self.close_connection = True  # accepted upstream; the answer never arrives
+            return None
+        return self._answer(status, data)
+
+    def _answer(self, status: int, data: bytes):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if data[:1] in (b"{", b"[") else "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+
+@pytest.fixture
+def starting_head(client_env):
+    def start(refusals: int, drop_accepted: bool = False) -> _StartingHeadProxy:
+        proxy = _StartingHeadProxy(client_env.address, refusals, drop_accepted)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        servers.append(proxy)
+        return proxy
+
+    servers: list[_StartingHeadProxy] = []
+    yield start
+    for proxy in servers:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_no_available_agent_is_retried_and_submits_once(client_env, starting_head, tmp_path, capsys):
+    """Ray's real client against a real head whose first 3 submissions are refused with
+    its 500 "No available agent": retried with backoff, one job, which runs."""
+    proxy = starting_head(refusals=3)
+    n_jobs = len(client_env.client().list_jobs())
+    rc = cli.main(["submit", "--address", proxy.address, "--wait", "--", "models", "list",
+                   "--registry", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    summary = _last_json(out)
+    assert summary["status"] == "SUCCEEDED" and summary["duplicate"] is False
+    assert err.count("not ready (Request failed with status code 500: No available agent") == 3
+    assert proxy.posts == 4
+    jobs = client_env.client().list_jobs()
+    assert len(jobs) == n_jobs + 1 and summary["submission_id"] in [j.submission_id for j in jobs]
+
+
+def test_an_accepted_submission_whose_answer_is_lost_is_not_repeated(client_env, starting_head, tmp_path):
+    proxy = starting_head(refusals=1, drop_accepted=True)
+    sid = f"lost-{uuid.uuid4().hex[:8]}"
+    n_jobs = len(client_env.client().list_jobs())
+    summary = submit.run(proxy.address, ["models", "list", "--registry", str(tmp_path)], wait=True,
+                         submission_id=sid, quiet=True)
+    assert summary["status"] == "SUCCEEDED" and summary["duplicate"] is False
+    assert proxy.posts == 2  # refused, then accepted with the answer lost: found by its id, not resent
+    jobs = client_env.client().list_jobs()
+    assert len(jobs) == n_jobs + 1 and [j.submission_id for j in jobs].count(sid) == 1
 
 
 def test_successful_job_subprocess(head, tmp_path):
@@ -389,3 +516,150 @@ def test_log_interval_grows_with_the_log():
     assert submit.log_interval(0, 1.0) == 1.0
     assert submit.log_interval(2_000_000, 1.0) == 11.0
     assert submit.log_interval(100_000_000, 1.0) == 30.0
+
+
+# ------------------------------------------------------- submission retries (unit)
+
+
+def _ray_http_error(status: int, body: str) -> RuntimeError:
+    """What Ray's JobSubmissionClient raises for an HTTP error answer."""
+    return RuntimeError(f"Request failed with status code {status}: {body}.")
+
+
+NO_AGENT = _ray_http_error(500, "No available agent to submit job, please try again later.")
+
+
+def _http_error(status: int) -> requests.HTTPError:
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(f"{status} Server Error", response=response)
+
+
+@pytest.mark.parametrize("error,status,transient,id_taken,not_found", [
+    (NO_AGENT, 500, True, False, False),
+    (_ray_http_error(503, "Service Unavailable"), 503, True, False, False),
+    (_ray_http_error(429, "Too Many Requests"), 429, True, False, False),
+    (_ray_http_error(400, "Traceback ... TypeError: bad runtime_env"), 400, False, False, False),
+    (_ray_http_error(404, "Job sid does not exist"), 404, False, False, True),
+    (_ray_http_error(500, "Traceback ... ValueError: Job with submission_id x already exists."),
+     500, False, True, False),
+    (_http_error(502), 502, True, False, False),
+    (_http_error(401), 401, False, False, False),
+    (requests.ConnectionError("Connection refused"), None, True, False, False),
+    (requests.ReadTimeout("read timed out"), None, True, False, False),
+    (ConnectionError("Failed to connect to Ray at address: http://h:8265."), None, True, False, False),
+    (AuthenticationError("token refused"), None, False, False, False),
+    (requests.exceptions.SSLError("certificate verify failed"), None, False, False, False),
+    # status-like text elsewhere is not an HTTP status
+    (RuntimeError("entrypoint 'python -m x --status-code 500' failed"), None, False, False, False),
+    (RuntimeError("job 500: Request failed with status code 500: no"), None, False, False, False),
+    (ValueError("bad runtime_env"), None, False, False, False),
+])
+def test_read_failure(error, status, transient, id_taken, not_found):
+    f = submit.read_failure(error)
+    assert (f.status, f.transient, f.id_taken, f.not_found) == (status, transient, id_taken, not_found)
+
+
+class _StartingServer:
+    """A job server whose agent is not up for the first ``refusals`` submissions; it
+    keeps every accepted job. With ``lose_answer``, the first accepted submission's
+    answer is lost on the way back (a dropped connection)."""
+
+    def __init__(self, refusals: int, lose_answer: bool = False, refusal: Exception = NO_AGENT):
+        self.refusals = refusals
+        self.lose_answer = lose_answer
+        self.refusal = refusal
+        self.jobs: dict[str, str] = {}
+        self.submit_calls: list[str] = []
+
+    def submit_job(self, *, entrypoint, runtime_env=None, submission_id=None):
+        self.submit_calls.append(submission_id)
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise self.refusal
+        if submission_id in self.jobs:
+            raise _ray_http_error(500, f"ValueError: Job with submission_id {submission_id} already exists.")
+        self.jobs[submission_id] = entrypoint
+        if self.lose_answer:
+            self.lose_answer = False
+            raise requests.ConnectionError("Connection aborted: RemoteDisconnected")
+        return submission_id
+
+    def get_job_info(self, sid):
+        if sid not in self.jobs:
+            raise _ray_http_error(404, f"Job {sid} does not exist")
+        return type("Info", (), {"status": "PENDING", "entrypoint": self.jobs[sid], "message": ""})()
+
+
+class _Clock:
+    """Fake monotonic time that only sleeping advances."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.now += s
+
+    def __call__(self):
+        return self.now
+
+
+def _retry(window_s: float, clock: _Clock) -> submit.Retry:
+    return submit.Retry(window_s, "http://h:8265", quiet=True, sleep=clock.sleep, clock=clock)
+
+
+def test_submit_retries_no_available_agent_then_accepts_once():
+    server, clock = _StartingServer(refusals=4), _Clock()
+    assert submit.submit_once(server, "python -m pipeline x", {}, "sid-1", _retry(120, clock)) is True
+    assert list(server.jobs) == ["sid-1"]  # exactly one accepted submission
+    assert server.submit_calls == ["sid-1"] * 5  # one id for every attempt
+    assert clock.sleeps == [1, 2, 4, 8]  # backoff doubles
+
+
+def test_submit_whose_answer_was_lost_is_not_sent_again():
+    server, clock = _StartingServer(refusals=1, lose_answer=True), _Clock()
+    assert submit.submit_once(server, "python -m pipeline x", {}, "sid-2", _retry(120, clock)) is True
+    assert list(server.jobs) == ["sid-2"]
+    assert server.submit_calls == ["sid-2", "sid-2"]  # the lookup found it: no third attempt
+
+
+def test_submit_gives_up_when_the_window_closes():
+    server, clock = _StartingServer(refusals=10**6), _Clock()
+    with pytest.raises(JobFailed) as e:
+        submit.submit_once(server, "python -m pipeline x", {}, "sid-3", _retry(30, clock))
+    assert "No available agent" in str(e.value) and "see --retry-s" in str(e.value)
+    assert clock.now <= 30 and max(clock.sleeps) <= submit.BACKOFF_MAX_S
+    assert server.jobs == {}
+
+
+def test_submit_does_not_retry_what_cannot_succeed():
+    bad = _ray_http_error(400, "TypeError: bad runtime_env")
+    server, clock = _StartingServer(refusals=1, refusal=bad), _Clock()
+    with pytest.raises(JobFailed, match=r"job submission to http://h:8265 failed: Request failed with status code 400"):
+        submit.submit_once(server, "python -m pipeline x", {}, "sid-4", _retry(120, clock))
+    assert clock.sleeps == [] and server.submit_calls == ["sid-4"]
+    with pytest.raises(UserError, match="--retry-s"):
+        submit.Retry(-1)
+
+
+def test_another_submitter_holding_the_id_is_a_duplicate():
+    server, clock = _StartingServer(refusals=0), _Clock()
+    server.jobs["sid-5"] = "python -m pipeline other"
+    assert submit.submit_once(server, "python -m pipeline x", {}, "sid-5", _retry(120, clock)) is False
+    assert server.jobs == {"sid-5": "python -m pipeline other"}
+
+
+def test_run_submits_under_an_id_made_here(monkeypatch):
+    """Without --submission-id the id is made before the first attempt, so retries reuse it."""
+    server = _StartingServer(refusals=2)
+    monkeypatch.setattr(submit, "make_client", lambda address, retry=None: server)
+    clock = _Clock()
+    monkeypatch.setattr(submit, "Retry", functools.partial(submit.Retry, sleep=clock.sleep, clock=clock))
+    summary = submit.run("http://h:8265", ["models", "list"], quiet=True)
+    sid = summary["submission_id"]
+    assert sid.startswith("raysubmit_") and len(sid) == len("raysubmit_") + 16
+    assert server.submit_calls == [sid] * 3 and list(server.jobs) == [sid]
+    assert summary["duplicate"] is False and summary["status"] == "PENDING"
+    assert clock.sleeps == [1, 2]

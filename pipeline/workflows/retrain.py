@@ -13,16 +13,27 @@ For night D:
 5. re-score the stored images (``predict.input`` -> ``predict.output``) with the
    champion, incrementally (``--skip-existing``).
 
+Completeness: a night trains on ``dt=D`` only once its producer has written
+``data.incoming/dt=D/_SUCCESS`` (:data:`pipeline.names.PARTITION_COMPLETE`; any content,
+e.g. empty), saying that no more images will land there; an empty day needs the marker
+too. Without it retrain exits 2 and records nothing, so the next attempt still trains.
+
 ``<base>/versions/dt=D/retrain.json`` (:data:`pipeline.names.RETRAIN_DONE`) is written
-last: rerunning a finished date changes nothing and says so. A crashed night resumes:
-its training run has a fixed name (Ray Train restores it) and a version already
-registered from the same checkpoint is reused instead of registered twice.
+last, with the partition's listing (file count, bytes, and a sha256 of the sorted
+``path size version`` lines: ETags on S3, mtimes locally). Rerunning a finished date
+changes nothing and says so, unless the partition changed since it was trained on:
+then it exits 2 naming the date and the change, instead of silently skipping the late
+images. A crashed night resumes: its training run has a fixed name (Ray Train restores
+it) and a version already registered from the same checkpoint is reused instead of
+registered twice.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import sys
 import time
@@ -73,6 +84,58 @@ def _check_inputs(cfg: Config, date: str) -> None:
         raise UserError("data.incoming (prefix holding dt=YYYY-MM-DD/<class>/<image> folders) is not set")
 
 
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """What ``data.incoming/dt=D/`` held when it was trained on (recorded in retrain.json)."""
+
+    files: int
+    bytes: int
+    listing_sha256: str  # of the sorted "relative-path size version" lines
+
+    def change_from(self, before: Partition) -> str | None:
+        """How this listing differs from ``before``, in words; None when it does not."""
+        if self == before:
+            return None
+        verb = "grew" if self.files > before.files else "changed"
+        return (f"{verb} after it was trained on: {before.files} -> {self.files} files, "
+                f"{before.bytes} -> {self.bytes} bytes")
+
+
+def partition_state(incoming: str) -> Partition:
+    """List ``incoming`` (images and any other files; markers and ``_``/``.`` names skipped)."""
+    lines, total = [], 0
+    for f in storage.iter_files(incoming):
+        rel = f.uri[len(storage.normalize(incoming)):].lstrip("/")
+        lines.append(f"{rel} {f.size} {f.version}\n")
+        total += f.size
+    digest = hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+    return Partition(files=len(lines), bytes=total, listing_sha256=digest)
+
+
+def _require_complete(incoming: str, date: str) -> Partition:
+    """The partition's listing, once its producer has marked it complete; else UserError."""
+    marker = storage.join(incoming, names.PARTITION_COMPLETE)
+    if not storage.exists(marker):
+        raise UserError(f"dt={date} is not marked complete: no {marker}. Producers write "
+                        f"{names.PARTITION_COMPLETE} once the day's images have all landed (an empty "
+                        "day needs it too); retrain waits for it and has recorded nothing")
+    return partition_state(incoming)
+
+
+def _already_done(done_uri: str, incoming: str, date: str, quiet: bool) -> dict[str, Any]:
+    """The finished night's summary; UserError when its partition changed since."""
+    previous = storage.read_json(done_uri)
+    recorded = previous.get("partition")
+    if recorded is not None and storage.exists(incoming):  # a deleted (expired) partition is no change
+        change = partition_state(incoming).change_from(Partition(**recorded))
+        if change is not None:
+            raise UserError(f"dt={date} {change} (recorded in {done_uri}); the late images would "
+                            "never be trained on. Move them to a partition not yet trained on (e.g. "
+                            f"today's), or restore dt={date} to what was trained")
+    _say(f"{date} already done ({previous.get('outcome')}); nothing changed", quiet)
+    return {**previous, "already_done": True, "message": f"retrain for {date} already ran; nothing changed"}
+
+
 def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
     """Retrain for night ``date`` (steps 1-5 above); returns the night's summary."""
     t0 = time.time()
@@ -80,17 +143,17 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
     base = shardset.read_manifest(cfg.data.manifest)
     version_root = storage.join(_versions_root(base), f"dt={date}")
     done_uri = storage.join(version_root, names.RETRAIN_DONE)
-    if storage.exists(done_uri):
-        previous = storage.read_json(done_uri)
-        _say(f"{date} already done ({previous.get('outcome')}); nothing changed", quiet)
-        return {**previous, "already_done": True, "message": f"retrain for {date} already ran; nothing changed"}
-
     incoming = storage.join(cfg.data.incoming, f"dt={date}")
-    if not storage.exists(incoming):
+    if storage.exists(done_uri):
+        return _already_done(done_uri, incoming, date, quiet)
+
+    partition = _require_complete(incoming, date)
+    if partition.files == 0:
         summary = {"date": date, "outcome": "no new data", "new_images": 0, "incoming": incoming}
         _say(f"no new images at {incoming}; nothing to train", quiet)
     else:
         summary = _retrain(cfg, base, date, incoming, version_root, quiet)
+    summary["partition"] = dataclasses.asdict(partition)
     storage.write_json(done_uri, summary)  # last: the night is done
     return {**summary, "already_done": False, "seconds": round(time.time() - t0, 1)}
 
