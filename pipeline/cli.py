@@ -218,6 +218,7 @@ HANDLERS = {
 def _emit(result: Any, summary_path: str | None) -> None:
     if result is None:
         return
+    result = storage.redact(result)  # a URI's user:password@ never reaches the console or a file
     line = json.dumps(result, sort_keys=True, default=str)
     if summary_path:
         storage.write_bytes(summary_path, (json.dumps(result, indent=2, sort_keys=True, default=str) + "\n").encode())
@@ -235,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         _emit(result, getattr(args, "summary", None))
         return 0
     except UserError as e:
-        print(f"imgpipe: error: {e}", file=sys.stderr)
+        print(f"imgpipe: error: {storage.redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("imgpipe: interrupted", file=sys.stderr)
         return 130
     except JobFailed as e:
-        print(f"imgpipe: failed: {e}", file=sys.stderr)
+        print(f"imgpipe: failed: {storage.redact(str(e))}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - top level: report the cause, exit 1
         if args.verbose or os.environ.get("IMGPIPE_TRACEBACK"):
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tb = traceback.extract_tb(e.__traceback__)
             where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
-            print(f"imgpipe: failed: {type(e).__name__}: {e}{where}", file=sys.stderr)
+            print(f"imgpipe: failed: {type(e).__name__}: {storage.redact(str(e))}{where}", file=sys.stderr)
         return 1
 
 

@@ -7,7 +7,8 @@ Sections ``data``, ``augment``, ``model``, ``train``, ``predict``, ``registry``,
 Unknown keys and wrong types raise :class:`ConfigError` (a ``UserError``: exit 2)
 naming the key and the valid ones. ``--set section.key=value`` overrides parse the
 value as YAML (``--set train.epochs=3``, ``--set augment.mean=[0.5,0.5,0.5]``).
-The resolved config is saved with every run and every registered model.
+The resolved config is saved with every run and every registered model, with any
+``user:password@`` in its URIs redacted (:func:`dump`); the in-memory config keeps them.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ class RayConfig:
     # predict per output file, train per rank-0 heartbeat (every <= 20 s of training steps)
     resource_wait_s: float = 60.0  # autoscaling clusters: wait this long for resources
     verbose: bool = False  # show Ray's own INFO logs
+    lease_ttl_s: float = 120.0  # a run's lease on its output expires this long after its last
+    # heartbeat (renewed every ttl/4): how soon a crashed run's output can be taken over
 
 
 @dataclass
@@ -307,8 +310,10 @@ def validate(cfg: Config) -> None:
          "augment.device=cuda needs train.use_gpu=true (valid without a GPU: cpu, worker)"),
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
-        (0 < cfg.data.val_fraction + cfg.data.test_fraction < 1,
-         "data.val_fraction + data.test_fraction must be in (0, 1)"),
+        (0 <= cfg.data.val_fraction < 1, f"data.val_fraction (--val) must be in [0, 1); got {cfg.data.val_fraction}"),
+        (0 <= cfg.data.test_fraction < 1, f"data.test_fraction (--test) must be in [0, 1); got {cfg.data.test_fraction}"),
+        (cfg.data.val_fraction + cfg.data.test_fraction < 1,
+         "data.val_fraction + data.test_fraction (--val + --test) must be below 1"),
         (len(cfg.augment.mean) == 3 and len(cfg.augment.std) == 3, "augment.mean and augment.std need 3 values"),
         (cfg.predict.topk >= 1, "predict.topk must be >= 1"),
         (cfg.predict.batch_size >= 1, "predict.batch_size must be >= 1"),
@@ -322,7 +327,9 @@ def validate(cfg: Config) -> None:
 
 
 def dump(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML for files (a run's config.yaml): URI passwords redacted
+    (:func:`pipeline.storage.redact`); ``cfg`` itself keeps them for connecting."""
+    return yaml.safe_dump(storage.redact(to_dict(cfg)), sort_keys=False)
 
 
 def storage_options(cfg: Config) -> storage.StorageOptions:

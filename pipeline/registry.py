@@ -239,6 +239,7 @@ def _version_meta(src_meta: dict[str, Any], name: str, version: int, data: bytes
         meta["source_created"] = src_meta["created"]
     meta.update(name=name, version=version, source=source, created=_now(),
                 weights_sha256=artifact.sha256(data), registration_id=uuid.uuid4().hex)
+    meta = storage.redact(meta)  # no user:password@ of a URI in the registry
     return meta
 
 

@@ -54,6 +54,7 @@ import json
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -835,3 +836,24 @@ def _local_swap(path: str, data: bytes | None, expected: str | None) -> str | No
     finally:
         if tmp is not None:
             os.unlink(tmp)
+
+
+# ------------------------------------------------------------------ redaction
+
+# ``scheme://user:secret@`` or ``scheme://token@``: a user name has no ':', '/' or '@';
+# a secret runs to the '@' (an unencoded '/' in it included), never across whitespace.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*)(?P<secret>:[^@\s]*)?@")
+
+
+def redact(value: T) -> T:
+    """``value`` as it may be written to files, reports and logs: in every string, also
+    inside dicts, lists and tuples, a URI's ``user:secret@`` becomes ``user:***@`` and a
+    bare ``token@`` becomes ``***@``. Other values come back as they are; the input is
+    not modified. Values used to connect are never passed through this."""
+    if isinstance(value, str):
+        return _USERINFO.sub(lambda m: m["scheme"] + (f"{m['user']}:***@" if m["secret"] else "***@"), value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}  # type: ignore[return-value]
+    if type(value) in (list, tuple):  # exactly: a named tuple's fields are not one iterable
+        return type(value)(redact(v) for v in value)  # type: ignore[arg-type, return-value]
+    return value

@@ -47,6 +47,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from pipeline.errors import JobFailed, UserError
+from pipeline.ops import runtime
 
 PROBE_TIMEOUT_S = 5.0  # an unreachable job server fails the command within seconds
 POLL_S = 1.0  # status and log polling interval while waiting
@@ -291,7 +292,7 @@ def runtime_env(working_dir: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if root is not None:
         out = {"working_dir": str(root.resolve()), "excludes": list(EXCLUDES)}
-    env = {k: os.environ[k] for k in PASS_ENV if os.environ.get(k)}
+    env = {k: v for k, v in runtime.forwarded_env().items() if k in PASS_ENV}  # userinfo stripped
     if env:
         out["env_vars"] = env
     return out

@@ -6,7 +6,8 @@ Owns writing, reading and verifying one artifact folder (any storage URI), holdi
   ``torch.load(..., weights_only=True)``: no pickled code ever runs on load;
 - ``meta.json``: what is needed to rebuild and trust the model: ``arch``, ``classes``,
   ``image_size``, ``mean``, ``std``, ``weights_sha256``, plus free-form provenance
-  (``metrics``, ``config``, ``data_manifest_sha256``, ``parent``, ``created``).
+  (``metrics``, ``config``, ``data_manifest_sha256``, ``parent``, ``created``), with
+  every URI's ``user:password@`` redacted (:func:`pipeline.storage.redact`).
 
 Weights are written before ``meta.json``, so a folder with a ``meta.json`` is complete;
 a weights file whose sha256 disagrees with the meta is refused.
@@ -58,7 +59,7 @@ def sha256(data: bytes) -> str:
 def save(uri: str, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     """Write an artifact folder at ``uri``; returns the meta as written."""
     data = weights_bytes(state_dict)
-    meta = dict(meta)
+    meta = storage.redact(dict(meta))  # provenance (config, URIs) is written: no URI passwords
     meta["weights_sha256"] = sha256(data)
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     for key in ("arch", "classes", "image_size", "mean", "std"):

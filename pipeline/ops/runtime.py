@@ -6,6 +6,10 @@ keeps Ray Data from starving when Ray Train workers hold CPUs on a small machine
 training workers take what is left after a reserve for data tasks, as fractional
 logical CPUs. :mod:`pipeline.ops.preflight` builds on this arithmetic; nothing here
 depends on it.
+
+Secrets stay in this process: no credential is put in a Ray ``runtime_env``
+(:func:`forwarded_env` names what is), and the ``imgpipe`` logger redacts URI passwords
+(:class:`RedactSecrets`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import urllib.parse
 from dataclasses import dataclass
 
 import ray
 
+from pipeline import storage
 from pipeline.config import Config
 
 log = logging.getLogger("imgpipe")
@@ -26,6 +32,39 @@ def cluster_address(cfg: Config) -> str | None:
     """The cluster this process joins (``ray.address``, else ``$RAY_ADDRESS``); None: it
     starts a local instance of its own."""
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+# What a cluster's workers get from this process's environment: non-secret S3 settings
+# only, for workers whose node lacks them. Credentials never travel (Ray writes a
+# runtime_env in plain text to its logs and job tables): a cluster's workers use their
+# node's own credential chain (instance profile, IRSA, environment set on the cluster).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The :data:`FORWARDED_ENV` variables set here, an endpoint without its ``user:pass@``
+    (s3fs refuses userinfo in an endpoint anyway: it signs requests with the key pair)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if "AWS_ENDPOINT_URL" in env:
+        parts = urllib.parse.urlsplit(env["AWS_ENDPOINT_URL"])
+        env["AWS_ENDPOINT_URL"] = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return env
+
+
+class RedactSecrets(logging.Filter):
+    """On the ``imgpipe`` logger: a URI's ``user:password@`` never reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: leave it to the handler's error path
+            return True
+        record.msg, record.args = storage.redact(message), None
+        return True
+
+
+if not any(isinstance(f, RedactSecrets) for f in log.filters):
+    log.addFilter(RedactSecrets())
 
 
 def ensure_ray(cfg: Config, quiet: bool = False) -> None:
@@ -40,14 +79,14 @@ def ensure_ray(cfg: Config, quiet: bool = False) -> None:
     # Worker and actor output (Ray Train's banners, Ray Data's per-rank logs) only with
     # --verbose: imgpipe prints its own progress on the driver.
     kwargs = dict(logging_level=level, log_to_driver=cfg.ray.verbose, configure_logging=True)
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "IMGPIPE_"))}
-    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, runtime_env=runtime_env, **kwargs)
+        env = forwarded_env()
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kwargs)
     else:
-        # No dashboard: it costs seconds of CPU at start on a 2-core machine; stall dumps
-        # then find workers in the process table (watchdog.child_workers).
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+        # A local instance's raylet and workers inherit this process's environment: nothing
+        # to forward. No dashboard: it costs seconds of CPU at start on a 2-core machine;
+        # stall dumps then find workers in the process table (watchdog.child_workers).
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
     _quiet_ray_data(quiet, cfg.ray.verbose)
     log.info("ray: %s", describe_cluster())
 

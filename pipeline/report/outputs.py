@@ -58,6 +58,7 @@ def _json_default(v: Any) -> Any:
 
 
 def write_json(uri: str, obj: Any) -> None:
-    """Like storage.write_json, but numpy scalars/arrays (from callers' dicts) are fine too."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    """Like storage.write_json, but numpy scalars/arrays (from callers' dicts) are fine too;
+    URI passwords are redacted."""
+    text = json.dumps(storage.redact(obj), indent=2, sort_keys=True, default=_json_default) + "\n"
     storage.write_bytes(uri, text.encode("utf-8"))

@@ -2,7 +2,8 @@
 
 Pages are self-contained: the CSS is inline and plots are embedded as base64 PNG data
 URIs, so a report opens offline from any copy of the run folder. Every value reaches
-the page through a template, escaped; no HTML is built from strings in Python.
+the page through a template, escaped and with URI passwords redacted
+(:func:`pipeline.storage.redact`); no HTML is built from strings in Python.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import Any
 
 import jinja2
 
+from pipeline import storage
+
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("pipeline.report", "templates"),
     autoescape=True,
     undefined=jinja2.StrictUndefined,  # a missing context key is a bug, not an empty cell
     trim_blocks=True,
     lstrip_blocks=True,
+    finalize=storage.redact,  # every value on a page: no URI's user:password@ (config text, URIs)
 )
 
 
