@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -199,3 +200,191 @@ def test_consumed_rows_bitmap():
     bits = stream.mark_consumed(10, bits, [np.array([4]), np.empty(0, dtype=np.int64)])
     assert stream.unconsumed(bits, 10, np.arange(10)).tolist() == [i not in (0, 3, 4, 9) for i in range(10)]
     assert stream.unconsumed(bits, 10, np.array([9, 1])).tolist() == [False, True]
+
+
+# ------------------------------------------------------------------ refusing bad input (issues 14, 16)
+
+
+def _cli_train(cfg, tmp_path, capsys) -> tuple[int, str]:
+    """``imgpipe --quiet train CONFIG`` with ``cfg`` written to a file: (exit code, stderr)."""
+    from pipeline import cli, config
+
+    path = tmp_path / f"train-{len(list(tmp_path.glob('train-*.yaml')))}.yaml"
+    path.write_text(config.dump(cfg))
+    capsys.readouterr()
+    rc = cli.main(["--quiet", "train", str(path)])
+    return rc, capsys.readouterr().err
+
+
+def _copy_dataset(packed, dst) -> str:
+    import shutil
+
+    shutil.copytree(packed, dst)
+    return str(dst)
+
+
+def test_default_run_names_never_collide():
+    cfg = small_config()
+    names = {driver.run_name(cfg) for _ in range(50)}  # the same second, mostly
+    assert len(names) == 50
+    assert all(re.fullmatch(re.escape(cfg.registry.name) + r"-\d{8}-\d{6}-[0-9a-f]{6}", n) for n in names)
+    cfg.train.run_name = "mine"
+    assert driver.run_name(cfg) == "mine"
+
+
+def test_resume_on_another_dataset_exits_2(trained, packed, tmp_path, capsys):
+    """A run resumes only on the dataset it started on: another manifest (here the same
+    shards, manifest.json re-serialized) exits 2 naming the run and both hashes; the run's
+    checkpoints are untouched."""
+    from pipeline import config
+
+    run_uri = trained["run_uri"]
+    record = json.load(open(os.path.join(run_uri, "dataset.json")))
+    assert record == {"manifest": packed, "sha256": trained["data_manifest_sha256"]}
+    other = _copy_dataset(packed, tmp_path / "other")
+    raw = json.load(open(os.path.join(other, "manifest.json")))
+    with open(os.path.join(other, "manifest.json"), "w") as f:
+        json.dump(raw, f, indent=4)
+    other_sha = shardset.read_manifest(other).sha256
+    before = {p: os.stat(os.path.join(run_uri, p)).st_mtime_ns for p in os.listdir(run_uri) if p.startswith("checkpoint_")}
+    assert before
+    cfg = config.from_dict(config.to_dict(trained["config"]))
+    cfg.data.manifest = other
+    rc, err = _cli_train(cfg, tmp_path, capsys)
+    assert rc == 2, err
+    line = err.strip()
+    assert "\n" not in line and "training run t1" in line
+    assert trained["data_manifest_sha256"] in line and other_sha in line
+    after = {p: os.stat(os.path.join(run_uri, p)).st_mtime_ns for p in os.listdir(run_uri) if p.startswith("checkpoint_")}
+    assert after == before
+
+
+def test_resume_of_a_run_without_record_checks_its_checkpoints(packed, tmp_path):
+    """Runs from before RUN/dataset.json: the checkpoints' meta.json names the dataset."""
+    run = tmp_path / "runs" / "old"
+    (run / "checkpoint_epoch_0001").mkdir(parents=True)
+    (run / "checkpoint_epoch_0001" / "meta.json").write_text(json.dumps(
+        {"data_manifest": "s3://b/old", "data_manifest_sha256": "ab" * 32}))
+    cfg = small_config(data={"manifest": packed}, train={"storage": str(tmp_path / "runs"), "run_name": "old"})
+    with pytest.raises(UserError, match=f"training run old .*manifest sha256 {'ab' * 32}.*"
+                                        f"{shardset.read_manifest(packed).sha256}"):
+        driver.run(cfg, quiet=True)
+    assert not (run / "dataset.json").exists()
+
+
+def test_train_storage_that_is_a_file_exits_2(packed, tmp_path, capsys):
+    f = tmp_path / "runs"
+    f.write_text("not a folder")
+    rc, err = _cli_train(small_config(data={"manifest": packed}, train={"storage": str(f), "run_name": "x"}),
+                         tmp_path, capsys)
+    assert rc == 2
+    assert err.strip() == f"imgpipe: error: train.storage {f} is a file; expected a folder (or a path that does not exist yet)"
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["malicious", "garbage", "not a state dict"])
+def test_bad_pretrained_file_exits_2_before_training(packed, tmp_path, capsys, kind):
+    """A pickle that would run code, an unreadable file, or another object as
+    model.pretrained: exit 2 naming the file and why, on the driver (no worker starts);
+    the pickle's code never runs."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "weights.pt"
+    if kind == "malicious":
+        torch.save({"conv.weight": _Evil(str(marker))}, str(bad))
+    elif kind == "garbage":
+        bad.write_bytes(b"\x00not a torch file" * 10)
+    else:
+        torch.save({"model": {"w": torch.zeros(1)}}, str(bad))
+    cfg = small_config(data={"manifest": packed}, model={"pretrained": str(bad)},
+                       train={"storage": str(tmp_path / "runs"), "run_name": "pt"})
+    rc, err = _cli_train(cfg, tmp_path, capsys)
+    assert rc == 2, err
+    line = err.strip()
+    assert "\n" not in line and f"model.pretrained {bad} refused" in line
+    if kind == "malicious":
+        assert "posix.system" in line or "os.system" in line
+    assert not marker.exists()
+    assert not (tmp_path / "runs" / "pt" / "config.yaml").exists()  # refused before the run started
+
+
+@pytest.mark.timeout(900)
+def test_tampered_shard_exits_2_at_once_naming_it(packed, tmp_path, capsys):
+    """A train shard cut short (its sha256 no longer the manifest's), read in a Ray Data
+    task inside a Ray Train worker: exit 2 with one line naming the shard and both
+    hashes, without restarting the workers (train.max_failures=2) and without Ray's
+    retry hint."""
+    import hashlib
+    import time
+
+    data = _copy_dataset(packed, tmp_path / "data")
+    manifest = shardset.read_manifest(data)
+    entry = manifest.splits["train"][1]
+    shard = shardset.shard_uri(data, entry["path"])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    actual = hashlib.sha256(open(shard, "rb").read()).hexdigest()
+    cfg = small_config(data={"manifest": data}, train={"storage": str(tmp_path / "runs"), "run_name": "tampered",
+                                                       "epochs": 1, "max_failures": 2})
+    t0 = time.monotonic()
+    rc, err = _cli_train(cfg, tmp_path, capsys)
+    elapsed = time.monotonic() - t0
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("imgpipe: error: training run tampered: shard ") and shard in line
+    assert actual[:12] in line and entry["sha256"][:12] in line
+    assert "restarting" not in err and "To change retry attempts" not in err
+    assert elapsed < 300, f"took {elapsed:.0f} s"
+
+
+def test_second_run_with_the_same_name_exits_2(packed, tmp_path, capsys):
+    """Another process holds the run's lease: `imgpipe train` exits 2 naming it."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.ops import lease\n"
+         f"with lease.hold({str(runs / 'busy')!r}, what='training run busy'):\n"
+         "    print('held', flush=True)\n    time.sleep(300)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, err = _cli_train(small_config(data={"manifest": packed},
+                                          train={"storage": str(runs), "run_name": "busy"}), tmp_path, capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 2, err
+    assert "training run busy" in err and f"pid {holder.pid}" in err
+    assert not (runs / "busy" / "config.yaml").exists()
+
+
+@pytest.mark.timeout(900)
+def test_run_holds_its_lease_while_training(packed, tmp_path):
+    """While a run trains, a second `python -m pipeline train` with the same run_name
+    (started from inside the run, at its first step) exits 2; the first run finishes."""
+    from pipeline import config
+    from tests.train_callbacks import run_again
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    train = {"storage": str(tmp_path / "runs"), "run_name": "leased", "epochs": 1}
+    second = tmp_path / "second.yaml"
+    second.write_text(config.dump(small_config(data={"manifest": packed}, train=train)))
+    out = tmp_path / "second"
+    cfg = small_config(data={"manifest": packed},
+                       train={**train, "callbacks": [run_again(config=str(second), cwd=repo, out=str(out))]})
+    summary = driver.run(cfg, quiet=True)
+    assert summary["epochs"] == 1
+    assert open(f"{out}.rc").read() == "2", open(f"{out}.err").read()
+    err = open(f"{out}.err").read()
+    assert "training run leased" in err and f"pid {os.getpid()}" in err
+    assert not os.path.exists(os.path.join(summary["run_uri"], "_lease.json"))  # released at the end

@@ -8,6 +8,8 @@ fault injection, built inside every Ray Train worker from ``train.callbacks`` en
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -56,6 +58,26 @@ class CrashOnce(Callback):
             os._exit(1)
 
 
+class RunAgain(Callback):
+    """Rank 0, at its first step: runs ``python -m pipeline --quiet train <config>`` in
+    ``cwd`` (a second run while this one holds the run's lease) and writes its exit code
+    and stderr to ``<out>.rc`` and ``<out>.err``."""
+
+    def __init__(self, config: str, cwd: str, out: str) -> None:
+        self.config, self.cwd, self.out, self.done = config, cwd, out, False
+
+    def on_step(self, rank: int, epoch: int, batch: dict[str, Any]) -> None:
+        if rank != 0 or self.done:
+            return
+        self.done = True
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "--quiet", "train", self.config], cwd=self.cwd,
+                              capture_output=True, text=True, timeout=300)
+        with open(self.out + ".err", "w") as f:
+            f.write(proc.stderr)
+        with open(self.out + ".rc", "w") as f:  # last: the test waits for it
+            f.write(str(proc.returncode))
+
+
 def trace_ids(folder: str) -> str:
     """The ``train.callbacks`` entry of :class:`TraceIds`."""
     return _entry(TraceIds, folder=folder)
@@ -64,3 +86,8 @@ def trace_ids(folder: str) -> str:
 def crash_once(**params: Any) -> str:
     """The ``train.callbacks`` entry of :class:`CrashOnce`."""
     return _entry(CrashOnce, **params)
+
+
+def run_again(**params: Any) -> str:
+    """The ``train.callbacks`` entry of :class:`RunAgain`."""
+    return _entry(RunAgain, **params)

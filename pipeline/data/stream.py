@@ -101,7 +101,8 @@ def read_split(manifest: Manifest, split: str, columns: list[str] | None = None,
     the epoch read from the run's :class:`EpochClock`; rows get a ``row`` column, and
     rows the clock marks consumed are skipped. Reads are small-CPU tasks: on a 2-CPU
     machine a 1-CPU file-listing task next to training workers deadlocks Ray Data (seen
-    with ``read_parquet`` on Ray 2.60).
+    with ``read_parquet`` on Ray 2.60). The dataset's context (shared by the datasets
+    built on it) raises a reader's own exception, e.g. :class:`~pipeline.data.shardset.ShardIntegrityError`.
     """
     uris = manifest.shard_uris(split)
     if not uris:
@@ -111,7 +112,14 @@ def read_split(manifest: Manifest, split: str, columns: list[str] | None = None,
     for s in manifest.splits[split]:
         offsets.append(offsets[-1] + s["rows"])
     slots = pa.table({"slot": list(range(len(uris)))})
-    return ray.data.from_arrow([slots.slice(i, 1) for i in range(len(uris))]).map_batches(
+    ds = ray.data.from_arrow([slots.slice(i, 1) for i in range(len(uris))])
+    # A reader's error reaches the consumer as itself (ShardIntegrityError: bad input,
+    # exit 2), not as Ray Data's UserCodeException, whose cause is lost on the way.
+    # Neither Ray Data (DataContext.retried_map_errors, off by default) nor Ray Core
+    # (application errors are not in the tasks' retry_exceptions) retries it: a shard
+    # that fails its sha256 fails at once; storage.read_bytes retries transient I/O.
+    ds.context.raise_original_map_exception = True
+    return ds.map_batches(
         _read_shard_batch, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
         fn_kwargs={"uris": uris, "shas": shas, "offsets": offsets, "columns": columns, "seed": shuffle_seed,
                    "clock_name": clock_name, "opts": storage.default_options()})

@@ -10,37 +10,47 @@ training worker) -> ``streaming_split`` across ranks. Val goes through the one e
 transform (:class:`pipeline.transforms.EvalTransform`), once, when it is small.
 
 Restarting workers after a failure, or rerunning with the same ``train.run_name``,
-resumes from the run's latest checkpoint (see :mod:`pipeline.training.state`).
+resumes from the run's latest checkpoint (see :mod:`pipeline.training.state`); a rerun
+only on the dataset the run started on (``RUN/dataset.json``). Bad input is refused
+before any worker starts where the driver can check it (``model.pretrained`` is loaded
+and verified here), else it stops the run at once, without restarts, as a one-line
+UserError naming the cause (:mod:`pipeline.training.failures`). The run's lease
+(:mod:`pipeline.ops.lease`) keeps a second run with the same name out.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import secrets
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import ray
 import ray.data
 import ray.train
+import torch
+from ray.exceptions import RayError
 from ray.train.torch import TorchTrainer
 
 from pipeline import config, names, registry, storage
 from pipeline.config import AugmentConfig, Config
 from pipeline.data import shardset, stream
-from pipeline.errors import JobFailed, UserError
+from pipeline.errors import UserError
 from pipeline.inference import evaluate
 from pipeline.models import artifact, pretrained
 from pipeline.models import zoo as models
-from pipeline.ops import preflight
+from pipeline.ops import lease, preflight
 from pipeline.ops.runtime import AUGMENT_ACTOR_CPUS, EVAL_TASK_CPUS, ensure_ray, train_resources
 from pipeline.ops.watchdog import Watchdog
 from pipeline.report import report
-from pipeline.training import callbacks
+from pipeline.training import callbacks, failures
 from pipeline.training.loop import train_loop
 from pipeline.training.progress import MetricsFollower, read_history
-from pipeline.training.state import SCORE, CheckpointSaver, RunSpec
+from pipeline.training.state import CHECKPOINT_PREFIX, SCORE, CheckpointSaver, RunSpec
 from pipeline.transforms import AugmentBatch, EvalTransform
 
 log = logging.getLogger("imgpipe")
@@ -50,24 +60,90 @@ COLUMNS = ["image_id", "image", "label"]
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.train.run_name or f"{cfg.registry.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``train.run_name``, or a new name: the registry name, the start time (1 s
+    resolution) and a random suffix, so two runs started in the same second never share
+    a run."""
+    return cfg.train.run_name or f"{cfg.registry.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def _pretrained(cfg: Config) -> tuple[str | None, bool]:
-    """Resolve ``model.pretrained`` to (URI, is_artifact)."""
+def _storage_root(cfg: Config) -> str:
+    """``train.storage`` as a URI; a path naming an existing regular file is refused."""
+    root = storage.normalize(cfg.train.storage)
+    if storage.exists(root) and not storage.isdir(root):
+        raise UserError(f"train.storage {cfg.train.storage} is a file; expected a folder "
+                        "(or a path that does not exist yet)")
+    return root
+
+
+def pretrained_state(cfg: Config, num_classes: int) -> dict[str, torch.Tensor] | None:
+    """``model.pretrained``, loaded and checked on the driver before any worker starts
+    (the workers get it through the object store): a weights name, ``NAME@vN``, a
+    checkpoint folder (sha256-verified) or a plain state dict at a URI. UserError (one
+    line, naming the file and why) for anything that is not usable weights for
+    ``model.arch``; a pickle that would run code is refused, never run."""
     spec = cfg.model.pretrained
     if not spec:
-        return None, False
+        return None
     if pretrained.is_weights_name(spec):
-        pretrained.load_for(spec, cfg.model.arch)  # fail fast: unknown name, wrong arch, no package/internet
-        return spec, False
-    if "@" in spec and "/" not in spec:
-        return registry.resolve(cfg.registry.uri, spec), True
-    if storage.exists(storage.join(spec, artifact.META)):
-        return spec, True
-    if storage.exists(spec):
-        return spec, False
-    raise UserError(f"model.pretrained not found: {spec} (a state-dict URI, a checkpoint folder, or NAME@vN)")
+        state = pretrained.load_for(spec, cfg.model.arch)  # unknown name, wrong arch, no package/internet
+    elif "@" in spec and "/" not in spec:
+        state = artifact.load(registry.resolve(cfg.registry.uri, spec)).state_dict
+    elif storage.exists(storage.join(spec, names.META)):
+        state = artifact.load(spec).state_dict
+    elif storage.exists(spec):
+        state = _plain_state_dict(spec)
+    else:
+        raise UserError(f"model.pretrained not found: {spec} (a state-dict URI, a checkpoint folder, or NAME@vN)")
+    # shares no tensor with the model: UserError now, not in every worker
+    models.load_pretrained(models.build_model(cfg.model.arch, num_classes, cfg.model.dropout), state, spec)
+    return state
+
+
+UNPICKLING_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _plain_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """A state dict saved with ``torch.save``, read with ``weights_only=True``."""
+    data = storage.read_bytes(uri)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure: the file is refused
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((x for x in lines if not x.startswith(UNPICKLING_BOILERPLATE)), lines[0] if lines else "")
+        raise UserError(f"model.pretrained {uri} refused: not a plain state dict of tensors "
+                        f"(torch.load with weights_only=True: {type(e).__name__}: {reason})") from None
+    if isinstance(obj, dict):
+        key = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        if key is None:
+            return obj
+        found = f"a {type(obj[key]).__name__} at key {key!r}"
+    else:
+        found = f"a {type(obj).__name__}"
+    raise UserError(f"model.pretrained {uri} refused: expected a state dict (tensor name -> tensor), found {found}")
+
+
+def _check_dataset(run_uri: str, name: str, manifest: shardset.Manifest) -> dict[str, str] | None:
+    """A run resumes only on the dataset it started on (``RUN/dataset.json``, recorded at
+    its first start; runs from before that record: their checkpoints' ``meta.json``).
+    Returns the record to write when the run starts (None: already there); a run
+    without checkpoints has nothing to resume, so it takes the new dataset."""
+    checkpoints = sorted(n for n in storage.listdir(run_uri) if n.startswith(CHECKPOINT_PREFIX))
+    try:
+        recorded = storage.read_json(storage.join(run_uri, names.RUN_DATASET))
+    except storage.NotFound:
+        recorded = None
+        if checkpoints:
+            meta = artifact.read_meta(storage.join(run_uri, checkpoints[-1]))
+            recorded = {"manifest": meta.get("data_manifest"), "sha256": meta.get("data_manifest_sha256")}
+    if recorded and recorded.get("sha256") == manifest.sha256:
+        return None
+    if recorded and recorded.get("sha256") and checkpoints:
+        raise UserError(
+            f"training run {name} ({run_uri}) was trained on dataset {recorded.get('manifest')} "
+            f"(manifest sha256 {recorded['sha256']}); data.manifest {manifest.root} has manifest sha256 "
+            f"{manifest.sha256}: resuming would mix datasets. Train a new run (another train.run_name), "
+            "or resume on the run's own dataset")
+    return {"manifest": manifest.root, "sha256": manifest.sha256}
 
 
 def _manifest(cfg: Config) -> shardset.Manifest:
@@ -131,55 +207,98 @@ def _trainer(cfg: Config, spec: RunSpec, datasets: dict[str, Any], name: str, st
         run_config=ray.train.RunConfig(
             name=name, storage_path=fs_path, storage_filesystem=fs if storage.is_remote(storage_root) else None,
             checkpoint_config=CheckpointSaver.ray_config(cfg.train.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # worker failures restart in _fit_restarting, which knows bad input from bad luck
+            failure_config=ray.train.FailureConfig(max_failures=0),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
-def _fit(trainer: TorchTrainer, cfg: Config, name: str, run_uri: str, quiet: bool) -> ray.train.Result:
-    """``trainer.fit()`` under the stall watchdog, printing epoch lines as they land."""
+def _fit(make_trainer: Callable[[], TorchTrainer], cfg: Config, name: str, run_uri: str,
+         quiet: bool) -> ray.train.Result:
+    """Train under the stall watchdog, printing epoch lines as they land."""
     with Watchdog(f"training run {name}", run_uri, cfg.ray.stall_timeout_s) as dog:
         follower = MetricsFollower(run_uri, cfg.train.epochs, quiet, beat=dog.beat)
         follower.start()
         try:
-            result = trainer.fit()
-        except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the cause
-            raise JobFailed(f"training run {name} failed: {_root_cause(e)}") from e
+            return _fit_restarting(make_trainer, cfg.train.max_failures, name)
         finally:
             follower.stop()
-    if result.error:
-        raise JobFailed(f"training run {name} failed: {_root_cause(result.error)}")
-    return result
+
+
+def _fit_restarting(make_trainer: Callable[[], TorchTrainer], max_failures: int, name: str) -> ray.train.Result:
+    """``fit()``; after a worker failure, fit again (the workers resume from the run's
+    latest checkpoint) up to ``max_failures`` times (-1: no limit), unless the failure
+    is bad input, which fails the same way every time: then at once, as a UserError
+    naming the cause (Ray Train's own restarts are off: its FailureConfig has no way
+    to tell the two apart)."""
+    restarts = 0
+    while True:
+        try:
+            result = make_trainer().fit()
+            if result.error is None:
+                return result
+            error = result.error
+        except Exception as e:  # noqa: BLE001 - Ray wraps worker errors: classified by their cause
+            error = e
+        if not failures.retryable(error) or 0 <= max_failures <= restarts:
+            raise failures.as_error(error, f"training run {name}") from error
+        restarts += 1
+        log.warning("training run %s: %s; restarting the workers from the latest checkpoint (%d of %s)",
+                    name, failures.first_line(failures.cause(error)), restarts,
+                    max_failures if max_failures >= 0 else "unlimited")
 
 
 def run(cfg: Config, quiet: bool = False) -> dict[str, Any]:
-    """``imgpipe train``: train on ``data.manifest``; returns the summary dict."""
+    """``imgpipe train``: train on ``data.manifest``; returns the summary dict.
+
+    Holds the run's lease (``RUN/_lease.json``) throughout: a second ``imgpipe train``
+    with the same ``train.run_name`` exits 2 while this one runs."""
     manifest = _manifest(cfg)
-    pretrained_uri, pretrained_is_artifact = _pretrained(cfg)
-    ensure_ray(cfg, quiet=quiet)
-    preflight.check(preflight.train_request(cfg, ray.cluster_resources().get("CPU", 1.0)), "train", cfg)
     name = run_name(cfg)
-    storage_root = storage.normalize(cfg.train.storage)
+    storage_root = _storage_root(cfg)
     run_uri = storage.join(storage_root, name)
-    storage.write_bytes(storage.join(run_uri, names.RUN_CONFIG), config.dump(cfg).encode())
+    with lease.hold(run_uri, what=f"training run {name}"):
+        record = _check_dataset(run_uri, name, manifest)  # before anything is written or trained
+        state = pretrained_state(cfg, len(manifest.classes))
+        ensure_ray(cfg, quiet=quiet)
+        preflight.check(preflight.train_request(cfg, ray.cluster_resources().get("CPU", 1.0)), "train", cfg)
+        if record is not None:
+            storage.write_json(storage.join(run_uri, names.RUN_DATASET), record)
+        storage.write_bytes(storage.join(run_uri, names.RUN_CONFIG), config.dump(cfg).encode())
+        t0 = time.time()
+        result = _train(cfg, manifest, name, storage_root, None if state is None else ray.put(state), quiet)
+        return _summary(cfg, manifest, name, storage_root, result, time.time() - t0, quiet)
+
+
+def _train(cfg: Config, manifest: shardset.Manifest, name: str, storage_root: str, pretrained_ref: Any,
+           quiet: bool) -> ray.train.Result:
+    """Build the streams and the run's epoch clock, and train."""
+    run_uri = storage.join(storage_root, name)
     clock_name = f"epoch-clock-{name}"
     clock = stream.epoch_clock(clock_name, on_this_node=True)  # here, so readers always find it
     try:
-        datasets, val_ref = _datasets(cfg, manifest, clock_name)
+        try:
+            datasets, val_ref = _datasets(cfg, manifest, clock_name)  # reads val here: a bad shard fails here
+        except RayError as e:
+            raise failures.as_error(e, f"training run {name}") from e
         spec = RunSpec(config=cfg, classes=manifest.classes, train_rows=manifest.rows("train"),
                        meta=_meta(cfg, manifest, run_uri), run_uri=run_uri, clock_name=clock_name,
-                       pretrained_uri=pretrained_uri, pretrained_is_artifact=pretrained_is_artifact,
-                       val_ref=val_ref)
-        t0 = time.time()
-        result = _fit(_trainer(cfg, spec, datasets, name, storage_root, manifest.rows("val")), cfg, name, run_uri, quiet)
+                       pretrained_ref=pretrained_ref, val_ref=val_ref)
+        return _fit(lambda: _trainer(cfg, spec, datasets, name, storage_root, manifest.rows("val")),
+                    cfg, name, run_uri, quiet)
     finally:
         ray.kill(clock)
+
+
+def _summary(cfg: Config, manifest: shardset.Manifest, name: str, storage_root: str, result: ray.train.Result,
+             seconds: float, quiet: bool) -> dict[str, Any]:
+    """Score the best checkpoint on the test split, write the report; the run's summary."""
+    run_uri = storage.join(storage_root, name)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))
     best_uri = _checkpoint_uri(storage_root, best_ckpt.path)
     history = read_history(run_uri)
-    seconds = time.time() - t0
     train_seen = sum(h["train_images"] for h in history)
     epoch_secs = sum(h["epoch_seconds"] for h in history)
     test, report_uri = _test_and_report(cfg, run_uri, best_uri, manifest, history, quiet)
@@ -223,10 +342,3 @@ def _checkpoint_uri(storage_root: str, ckpt_path: str) -> str:
     if storage.is_remote(storage_root):
         return f"{storage_root.split('://', 1)[0]}://{ckpt_path}"
     return ckpt_path
-
-
-def _root_cause(e: BaseException) -> str:
-    while e.__cause__ is not None:
-        e = e.__cause__
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}"

@@ -18,7 +18,6 @@ restart the loop hands that bitmap to the epoch clock and the readers skip those
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -37,7 +36,6 @@ from torchvision.transforms import v2
 from pipeline import config, storage, transforms
 from pipeline.config import AugmentConfig, Config
 from pipeline.data import stream
-from pipeline.models import artifact, pretrained
 from pipeline.models import zoo as models
 from pipeline.training import callbacks
 from pipeline.training.progress import Heartbeat, epoch_line, write_metrics
@@ -298,17 +296,12 @@ def _param_groups(model: nn.Module, cfg: Config, peak_lr: float) -> list[dict[st
 
 
 def _model(spec: RunSpec) -> nn.Module:
-    """The architecture, with its pretrained weights when ``model.pretrained`` names some."""
+    """The architecture, with the ``model.pretrained`` weights the driver loaded and
+    verified (see :func:`pipeline.training.driver.pretrained_state`)."""
     cfg = spec.config
     model = models.build_model(cfg.model.arch, len(spec.classes), cfg.model.dropout)
-    uri = spec.pretrained_uri
-    if uri:
-        state = pretrained.load_for(uri, cfg.model.arch)  # a weights name (package/torchvision), else None
-        if state is None and spec.pretrained_is_artifact:
-            state = artifact.load(uri).state_dict
-        elif state is None:  # a plain state dict at a URI (local or s3://), never unpickling code
-            state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-        models.load_pretrained(model, state, uri)
+    if spec.pretrained_ref is not None:
+        models.load_pretrained(model, ray.get(spec.pretrained_ref), cfg.model.pretrained)
     return model
 
 

@@ -28,6 +28,7 @@ from pipeline.models import artifact
 SUMS = ("seen", "loss_sum", "correct", "seconds")  # per-epoch training sums, reduced over ranks
 SCORE = "val_accuracy"  # Ray Train keeps the checkpoints scoring highest on this
 MID_EPOCH_SCORE = -1.0  # a mid-epoch checkpoint is never the run's best
+CHECKPOINT_PREFIX = "checkpoint_epoch_"  # every checkpoint folder of a run: RUN/checkpoint_epoch_*
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,7 @@ class RunSpec:
     meta: dict[str, Any]  # meta.json of every checkpoint artifact, less its metrics and epoch
     run_uri: str
     clock_name: str  # the run's EpochClock actor
-    pretrained_uri: str | None = None
-    pretrained_is_artifact: bool = False
+    pretrained_ref: Any = None  # ObjectRef of the verified ``model.pretrained`` state dict; None: none
     val_ref: Any = None  # ObjectRef of the transformed val set; None: read the "val" dataset shard
 
 
@@ -129,14 +129,14 @@ class CheckpointSaver:
     def save_epoch(self, state: TrainState, epoch: int, metrics: dict[str, Any]) -> None:
         """The checkpoint at the end of epoch index ``epoch``."""
         self._report(metrics, epoch + 1, state, {"epoch": epoch, "step": state.step},
-                     f"checkpoint_epoch_{epoch + 1:04d}")
+                     f"{CHECKPOINT_PREFIX}{epoch + 1:04d}")
 
     def save_mid_epoch(self, state: TrainState, step: int, partial: Partial) -> None:
         """A checkpoint inside epoch index ``partial.epoch`` after optimizer step ``step``."""
         e = partial.epoch
         metrics = {"epoch": e, "step": step, SCORE: MID_EPOCH_SCORE, "mid_epoch": True}
         self._report(metrics, e, state, {"epoch": e - 1, "step": step, "partial": partial.to_dict()},
-                     f"checkpoint_epoch_{e + 1:04d}_step_{step:07d}")
+                     f"{CHECKPOINT_PREFIX}{e + 1:04d}_step_{step:07d}")
 
     def _report(self, metrics: dict[str, Any], completed: int, state: TrainState,
                 position: dict[str, Any], name: str) -> None:
