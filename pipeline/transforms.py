@@ -183,12 +183,7 @@ class AugmentBatch:
     run's epoch clock; without it every batch is epoch 0.
     """
 
-    def __init__(self, cfg: dict[str, Any], size: int, seed: int, clock_name: str | None = None,
-                 train: bool = True) -> None:
-        # ``train`` is accepted until training stops passing it; there is no eval mode
-        # here (the eval transform is EvalTransform)
-        if not train:
-            raise ValueError("AugmentBatch is train-only; use EvalTransform")
+    def __init__(self, cfg: dict[str, Any], size: int, seed: int, clock_name: str | None = None) -> None:
         self.transform = TrainPreset(AugmentConfig(**cfg), size)
         self.seed, self.size = seed, size
         self.clock = stream.epoch_clock(clock_name) if clock_name else None

@@ -2,14 +2,16 @@
 
 :mod:`pipeline.inference.predict` (stored images -> predictions Parquet) and
 :mod:`pipeline.inference.evaluate` (a packed split -> accuracy and per-image results)
-both build their job from these stages::
+both build their job from these stages (the read tasks are in
+:mod:`pipeline.inference.tasks`, which stays free of torch)::
 
-    read_listing | read_split       rows: source, bytes, image_id, error, truth
-      -> DecodeActor  (CPU pool)    + image: uint8 N x 3 x S x S (pipeline.transforms.EvalTransform)
-      -> ModelActor   (model pool; a GPU each with predict.num_gpus; with predict.gpu_decode
-                       it decodes the bytes itself: transforms.decode_batch on its device)
-                      -> image_id, source, truth, label, label_name, score, topk_labels,
-                         topk_scores, truth_score, model, run_id, error
+    tasks.read_listing | tasks.read_split  -> rows: source, bytes, image_id, error, truth
+      -> DecodeActor (CPU pool)             -> + image: uint8 N x 3 x S x S (transforms.EvalTransform)
+      -> ModelActor (model pool; one GPU each with predict.num_gpus; with predict.gpu_decode
+         it decodes the bytes itself, transforms.decode_batch on its device, and there
+         is no DecodeActor)                 -> image_id, source, truth, label, label_name, score,
+                                               topk_labels, topk_scores, truth_score, model,
+                                               run_id, error
 
 A row is never dropped: an image that cannot be read or decoded keeps its row with a
 non-empty ``error`` (``"reason: message"``) so callers can quarantine or count it;
@@ -20,27 +22,21 @@ probability (NaN when unknown).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 import torch
 
 from pipeline import images, registry, storage
 from pipeline.config import AugmentConfig, Config
-from pipeline.data import stream
-from pipeline.data.shardset import Manifest
+from pipeline.inference.tasks import READ_BATCH
 from pipeline.models import artifact, zoo
 from pipeline.ops import preflight
-from pipeline.ops.runtime import READ_TASK_CPUS, PredictResources, ensure_ray, predict_resources
+from pipeline.ops.runtime import PredictResources, ensure_ray, predict_resources
 from pipeline.transforms import EvalTransform, to_input
-
-READ_BATCH = 64  # images per read / decode call; threads inside a read overlap S3 latency
-LISTING_BLOCK = READ_BATCH * 16  # listing rows per input block of a read task
 
 
 @dataclass(frozen=True)
@@ -79,54 +75,6 @@ def start(cfg: Config, scorer: Scorer, what: str, quiet: bool) -> PredictResourc
     cpus = ray.cluster_resources().get("CPU", 1.0)
     preflight.check(preflight.predict_request(cfg, cpus, image_size=scorer.image_size), what, cfg)
     return predict_resources(cfg, cpus)
-
-
-# ------------------------------------------------------------------------ inputs
-
-
-def read_objects(batch: dict[str, np.ndarray], opts: storage.StorageOptions) -> dict[str, np.ndarray]:
-    """Ray Data task: fetch the batch's ``uri`` objects concurrently
-    (:func:`pipeline.storage.read_many`) and hash them. An object gone since the listing
-    or empty is an error row; 403 or a fault that outlasts the retries fails the task."""
-    storage.configure(opts)
-    uris = [str(u) for u in batch["uri"]]
-    data: list[bytes] = []
-    errors: list[str] = []
-    for got in storage.read_many(uris, opts):
-        if isinstance(got, storage.NotFound):
-            data.append(b"")
-            errors.append("missing: object disappeared after listing")
-        elif isinstance(got, Exception):
-            raise got
-        else:
-            data.append(got)
-            errors.append("" if got else "empty: zero-byte file")
-    return {"source": np.array(uris, dtype=object), "bytes": np.array(data, dtype=object),
-            "image_id": np.array([hashlib.sha256(b).hexdigest() if b else "" for b in data], dtype=object),
-            "error": np.array(errors, dtype=object), "truth": batch["truth"]}
-
-
-def read_listing(listing: pa.Table, opts: storage.StorageOptions) -> ray.data.Dataset | None:
-    """Stored images named by ``listing`` (columns ``uri``, ``truth``); None when empty."""
-    if listing.num_rows == 0:
-        return None
-    blocks = [listing.slice(i, LISTING_BLOCK) for i in range(0, listing.num_rows, LISTING_BLOCK)]
-    return ray.data.from_arrow(blocks).map_batches(read_objects, fn_kwargs={"opts": opts},
-                                                    batch_size=READ_BATCH, num_cpus=READ_TASK_CPUS)
-
-
-def shard_rows(batch: dict[str, np.ndarray], skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
-    """Ray Data task: shard rows (bytes and ids already there) as input rows, without
-    the sources in ``skip``."""
-    keep = np.array([s not in skip for s in batch["source"]], dtype=bool)
-    return {"source": batch["source"][keep], "bytes": batch["image"][keep], "image_id": batch["image_id"][keep],
-            "error": np.array([""] * int(keep.sum()), dtype=object), "truth": batch["label"][keep].astype(np.int32)}
-
-
-def read_split(manifest: Manifest, split: str, skip: frozenset[str] = frozenset()) -> ray.data.Dataset:
-    """The verified shards of one split of a packed dataset, without the sources in ``skip``."""
-    ds = stream.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
-    return ds.map_batches(shard_rows, fn_kwargs={"skip": skip}, num_cpus=READ_TASK_CPUS, batch_size=READ_BATCH)
 
 
 # ------------------------------------------------------------------------ actors

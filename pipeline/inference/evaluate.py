@@ -1,8 +1,9 @@
 """Model evaluation on a packed split: accuracy, per-class accuracy, confusion matrix,
 and, on request, the per-image results (so a report never scores again).
 
-Runs the one inference path of :mod:`pipeline.inference.actors` (decode actors ->
-model actors) over the split's verified shards and reduces on the driver.
+Runs the one inference path (read tasks of :mod:`pipeline.inference.tasks` -> decode
+actors -> model actors of :mod:`pipeline.inference.actors`) over the split's verified
+shards, and reduces on the driver.
 
 Per-image results (``predictions_uri``): one Parquet file of :data:`RESULT_SCHEMA`,
 one row per image scored: ``label`` the true class, ``predicted`` the model's,
@@ -22,7 +23,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data import shardset
 from pipeline.errors import UserError
-from pipeline.inference import actors
+from pipeline.inference import actors, tasks
 
 RESULT_SCHEMA = pa.schema([("image_id", pa.string()), ("source", pa.string()), ("label", pa.int64()),
                            ("predicted", pa.int64()), ("score", pa.float32()), ("label_score", pa.float32())])
@@ -77,7 +78,7 @@ def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False,
     res = actors.start(cfg, scorer, "evaluate", quiet)
     spec = actors.ModelSpec(run_id="evaluate", topk=1, batch_size=cfg.predict.batch_size,
                             threads=res.model_threads, gpu_decode=cfg.predict.gpu_decode)
-    table, errors = _collect(actors.score(actors.read_split(manifest, split), scorer, spec, cfg, res))
+    table, errors = _collect(actors.score(tasks.read_split(manifest, split), scorer, spec, cfg, res))
     cm = confusion_matrix(table.column("label").to_numpy(), table.column("predicted").to_numpy(),
                           len(manifest.classes))
     if predictions_uri is not None:

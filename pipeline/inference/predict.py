@@ -1,6 +1,7 @@
 """Batch inference: stored images -> predictions Parquet, exactly once, resumable.
 
-Pipeline (one Ray Data job; the stages are :mod:`pipeline.inference.actors`)::
+Pipeline (one Ray Data job; the stages are :mod:`pipeline.inference.tasks` and
+:mod:`pipeline.inference.actors`)::
 
     listing -> read bytes (parallel tasks) -> decode + eval transform (CPU actor pool)
             -> model (actor pool; GPU with predict.num_gpus) -> Parquet writer tasks
@@ -21,7 +22,6 @@ one row per input source and deletes files it does not list.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import time
@@ -29,7 +29,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -37,10 +36,11 @@ import ray.data
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.data import listings, shardset
+from pipeline.data import listings
 from pipeline.data.shardset import Manifest
 from pipeline.errors import JobFailed, UserError
-from pipeline.inference import actors
+from pipeline.inference import actors, tasks
+from pipeline.inference.tasks import ERROR_SCHEMA, PRED_SCHEMA  # noqa: F401 - the output schemas, part of predict's API
 from pipeline.names import ERRORS_DIR, STATE_DIR, SUCCESS
 from pipeline.ops.runtime import READ_TASK_CPUS, PredictResources
 from pipeline.ops.watchdog import Watchdog
@@ -48,12 +48,6 @@ from pipeline.report import report
 
 log = logging.getLogger("imgpipe")
 
-PRED_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("source", pa.string()), ("label", pa.int32()),
-    ("label_name", pa.string()), ("score", pa.float32()), ("topk_labels", pa.list_(pa.int32())),
-    ("topk_scores", pa.list_(pa.float32())), ("model", pa.string()), ("run_id", pa.string()),
-])
-ERROR_SCHEMA = shardset.ERROR_SCHEMA
 # DST/_state/: the input listing snapshot, the listing of the last commit, this attempt
 LISTING = "listing.parquet"
 COMMITTED_LISTING = "committed_listing.parquet"
@@ -191,44 +185,12 @@ def _input(job: Job, opts: storage.StorageOptions) -> ray.data.Dataset | None:
     """The rows still to score (None when nothing is left)."""
     a = job.attempt
     if a.manifest is not None:
-        return actors.read_split(a.manifest, a.split, frozenset(job.skip))
+        return tasks.read_split(a.manifest, a.split, frozenset(job.skip))
     todo = a.listing
     if job.skip:
         todo = todo.filter(pc.invert(pc.is_in(todo.column("uri"), value_set=pa.array(sorted(job.skip), pa.string()))))
     todo = todo.append_column("truth", pa.array([-1] * todo.num_rows, pa.int32()))
-    return actors.read_listing(todo, opts)
-
-
-def write_part(batch: dict[str, Any], dst: str, model_name: str, opts: storage.StorageOptions) -> dict[str, Any]:
-    """Ray Data task: write one predictions file (+ its errors file); name from content."""
-    storage.configure(opts)
-    sources = [str(s) for s in batch["source"]]
-    digest = hashlib.sha1(("\n".join(sorted(sources)) + "|" + model_name).encode()).hexdigest()[:20]
-    name = f"part-{digest}.parquet"
-    bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
-    good = ~bad
-    truth, label = np.asarray(batch["truth"]), np.asarray(batch["label"])
-    if bad.any():
-        errors = pa.table({"source": [s for s, e in zip(sources, bad) if e],
-                           "image_id": [str(i) for i in np.asarray(batch["image_id"])[bad]],
-                           "error": [str(x) for x in np.asarray(batch["error"])[bad]]}, schema=ERROR_SCHEMA)
-        storage.write_table(storage.join(dst, ERRORS_DIR, name), errors)
-    if good.any():
-        table = pa.table({
-            "image_id": [str(x) for x in np.asarray(batch["image_id"])[good]],
-            "source": [s for s, g in zip(sources, good) if g],
-            "label": label.astype(np.int32)[good],
-            "label_name": [str(x) for x in np.asarray(batch["label_name"])[good]],
-            "score": np.asarray(batch["score"], dtype=np.float32)[good],
-            "topk_labels": [list(map(int, x)) for x, g in zip(batch["topk_labels"], good) if g],
-            "topk_scores": [list(map(float, x)) for x, g in zip(batch["topk_scores"], good) if g],
-            "model": [str(x) for x in np.asarray(batch["model"])[good]],
-            "run_id": [str(x) for x in np.asarray(batch["run_id"])[good]],
-        }, schema=PRED_SCHEMA)
-        storage.write_table(storage.join(dst, name), table)
-    return {"file": [name if good.any() else ""], "error_file": [name if bad.any() else ""],
-            "rows": [int(good.sum())], "errors": [int(bad.sum())],
-            "correct": [int(np.sum((label == truth)[good]))], "labelled": [int(np.sum(truth[good] >= 0))]}
+    return tasks.read_listing(todo, opts)
 
 
 def _rows(ds: ray.data.Dataset, dog: Watchdog):
@@ -245,13 +207,13 @@ def _rows(ds: ray.data.Dataset, dog: Watchdog):
 
 
 def _score(ds: ray.data.Dataset, job: Job, cfg: Config, res: PredictResources, quiet: bool) -> list[dict[str, Any]]:
-    """Run the job; one result row (see :func:`write_part`) per part file written."""
+    """Run the job; one result row (see :func:`pipeline.inference.tasks.write_part`) per part file written."""
     opts = storage.default_options()
     p = cfg.predict
     spec = actors.ModelSpec(run_id=job.attempt.run_id, topk=p.topk, batch_size=p.batch_size, threads=res.model_threads,
                             compile_model=p.compile, gpu_decode=p.gpu_decode)
     ds = actors.score(ds, job.scorer, spec, cfg, res).map_batches(
-        write_part, fn_kwargs={"dst": job.dst, "model_name": job.scorer.name, "opts": opts},
+        tasks.write_part, fn_kwargs={"dst": job.dst, "model_name": job.scorer.name, "opts": opts},
         batch_size=p.rows_per_file, num_cpus=READ_TASK_CPUS)
     results: list[dict[str, Any]] = []
     scored, t_run = 0, time.time()

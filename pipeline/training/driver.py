@@ -174,7 +174,7 @@ def _datasets(cfg: Config, manifest: shardset.Manifest, clock_name: str) -> tupl
                                  clock_name=clock_name)
     if cfg.augment.device == "cpu":
         train_ds = train_ds.map_batches(
-            AugmentBatch, fn_constructor_kwargs={"cfg": config.to_dict(cfg)["augment"], "size": size, "train": True,
+            AugmentBatch, fn_constructor_kwargs={"cfg": config.to_dict(cfg)["augment"], "size": size,
                                                  "seed": cfg.train.seed, "clock_name": clock_name},
             compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors), num_cpus=AUGMENT_ACTOR_CPUS,
             batch_size=cfg.augment.batch_size)

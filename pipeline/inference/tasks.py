@@ -1,0 +1,112 @@
+"""The light Ray Data tasks of the inference path (no torch, so their workers start fast):
+reading input rows, and writing the predictions files.
+
+Input rows, from :func:`read_listing` (stored images) or :func:`read_split` (a packed
+split): ``source``, ``bytes``, ``image_id`` (sha256 of the bytes), ``error`` (``""``
+or ``"reason: message"``), ``truth`` (class index, -1 when unknown). They go on to
+:mod:`pipeline.inference.actors`; :func:`write_part` writes what the model actors return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+
+from pipeline import storage
+from pipeline.data import shardset, stream
+from pipeline.data.shardset import Manifest
+from pipeline.names import ERRORS_DIR
+from pipeline.ops.runtime import READ_TASK_CPUS
+
+READ_BATCH = 64  # images per read / decode call; threads inside a read overlap S3 latency
+LISTING_BLOCK = READ_BATCH * 16  # listing rows per input block of a read task
+PRED_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("source", pa.string()), ("label", pa.int32()),
+    ("label_name", pa.string()), ("score", pa.float32()), ("topk_labels", pa.list_(pa.int32())),
+    ("topk_scores", pa.list_(pa.float32())), ("model", pa.string()), ("run_id", pa.string()),
+])
+ERROR_SCHEMA = shardset.ERROR_SCHEMA
+
+
+def read_objects(batch: dict[str, np.ndarray], opts: storage.StorageOptions) -> dict[str, np.ndarray]:
+    """Ray Data task: fetch the batch's ``uri`` objects concurrently
+    (:func:`pipeline.storage.read_many`) and hash them. An object gone since the listing
+    or empty is an error row; 403 or a fault that outlasts the retries fails the task."""
+    storage.configure(opts)
+    uris = [str(u) for u in batch["uri"]]
+    data: list[bytes] = []
+    errors: list[str] = []
+    for got in storage.read_many(uris, opts):
+        if isinstance(got, storage.NotFound):
+            data.append(b"")
+            errors.append("missing: object disappeared after listing")
+        elif isinstance(got, Exception):
+            raise got
+        else:
+            data.append(got)
+            errors.append("" if got else "empty: zero-byte file")
+    return {"source": np.array(uris, dtype=object), "bytes": np.array(data, dtype=object),
+            "image_id": np.array([hashlib.sha256(b).hexdigest() if b else "" for b in data], dtype=object),
+            "error": np.array(errors, dtype=object), "truth": batch["truth"]}
+
+
+def read_listing(listing: pa.Table, opts: storage.StorageOptions) -> ray.data.Dataset | None:
+    """Stored images named by ``listing`` (columns ``uri``, ``truth``); None when empty."""
+    if listing.num_rows == 0:
+        return None
+    blocks = [listing.slice(i, LISTING_BLOCK) for i in range(0, listing.num_rows, LISTING_BLOCK)]
+    return ray.data.from_arrow(blocks).map_batches(read_objects, fn_kwargs={"opts": opts},
+                                                    batch_size=READ_BATCH, num_cpus=READ_TASK_CPUS)
+
+
+def shard_rows(batch: dict[str, np.ndarray], skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Ray Data task: shard rows (bytes and ids already there) as input rows, without
+    the sources in ``skip``."""
+    keep = np.array([s not in skip for s in batch["source"]], dtype=bool)
+    return {"source": batch["source"][keep], "bytes": batch["image"][keep], "image_id": batch["image_id"][keep],
+            "error": np.array([""] * int(keep.sum()), dtype=object), "truth": batch["label"][keep].astype(np.int32)}
+
+
+def read_split(manifest: Manifest, split: str, skip: frozenset[str] = frozenset()) -> ray.data.Dataset:
+    """The verified shards of one split of a packed dataset, without the sources in ``skip``."""
+    ds = stream.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
+    return ds.map_batches(shard_rows, fn_kwargs={"skip": skip}, num_cpus=READ_TASK_CPUS, batch_size=READ_BATCH)
+
+
+# ------------------------------------------------------------------------ output
+
+
+def write_part(batch: dict[str, Any], dst: str, model_name: str, opts: storage.StorageOptions) -> dict[str, Any]:
+    """Ray Data task: write one predictions file (+ its errors file); name from content."""
+    storage.configure(opts)
+    sources = [str(s) for s in batch["source"]]
+    digest = hashlib.sha1(("\n".join(sorted(sources)) + "|" + model_name).encode()).hexdigest()[:20]
+    name = f"part-{digest}.parquet"
+    bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
+    good = ~bad
+    truth, label = np.asarray(batch["truth"]), np.asarray(batch["label"])
+    if bad.any():
+        errors = pa.table({"source": [s for s, e in zip(sources, bad) if e],
+                           "image_id": [str(i) for i in np.asarray(batch["image_id"])[bad]],
+                           "error": [str(x) for x in np.asarray(batch["error"])[bad]]}, schema=ERROR_SCHEMA)
+        storage.write_table(storage.join(dst, ERRORS_DIR, name), errors)
+    if good.any():
+        table = pa.table({
+            "image_id": [str(x) for x in np.asarray(batch["image_id"])[good]],
+            "source": [s for s, g in zip(sources, good) if g],
+            "label": label.astype(np.int32)[good],
+            "label_name": [str(x) for x in np.asarray(batch["label_name"])[good]],
+            "score": np.asarray(batch["score"], dtype=np.float32)[good],
+            "topk_labels": [list(map(int, x)) for x, g in zip(batch["topk_labels"], good) if g],
+            "topk_scores": [list(map(float, x)) for x, g in zip(batch["topk_scores"], good) if g],
+            "model": [str(x) for x in np.asarray(batch["model"])[good]],
+            "run_id": [str(x) for x in np.asarray(batch["run_id"])[good]],
+        }, schema=PRED_SCHEMA)
+        storage.write_table(storage.join(dst, name), table)
+    return {"file": [name if good.any() else ""], "error_file": [name if bad.any() else ""],
+            "rows": [int(good.sum())], "errors": [int(bad.sum())],
+            "correct": [int(np.sum((label == truth)[good]))], "labelled": [int(np.sum(truth[good] >= 0))]}
