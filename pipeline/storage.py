@@ -205,6 +205,7 @@ _CODE_KINDS: dict[str, ErrorKind] = {
         "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
         "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException",
         "PriorRequestNotComplete", "InternalError", "ServiceUnavailable", "XAmzContentSHA256Mismatch",
+        "ConditionalRequestConflict",  # 409: a concurrent conditional write; S3 says retry
     ), ErrorKind.TRANSIENT),
 }
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -764,22 +765,19 @@ def _s3_code(exc: BaseException) -> str | None:
 
 def _conditional(call: Callable[[], T], uri: str, opts: StorageOptions | None) -> T | None:
     """``call()`` (one conditional S3 request) under the retry policy; None when its
-    precondition failed (412). A 409 ConditionalRequestConflict is retried."""
-    opts = opts or _default
-    for attempt in _attempts(opts):
+    precondition failed (412): another writer won."""
+    lost = object()
+
+    def attempt() -> Any:
         try:
             return call()
-        except Exception as e:  # noqa: BLE001 - classified below
+        except Exception as e:
             if _s3_code(e) == "PreconditionFailed" or _s3_status(e) == 412:
-                return None
-            if _s3_code(e) == "ConditionalRequestConflict" and attempt < _max_attempts(opts):
-                continue
-            err = _verdict(e, uri, attempt, opts)
-            if err is e:
-                raise
-            if err is not None:
-                raise err from e
-    raise AssertionError("unreachable: the last attempt raises")
+                return lost
+            raise
+
+    out = retry(attempt, uri, opts)
+    return None if out is lost else out
 
 
 def _conditional_put(put: Callable[[], dict[str, Any]], uri: str, data: bytes,

@@ -162,10 +162,15 @@ def test_pack_on_s3(digits_dir, s3_bucket, s3_server, ray_local):
     assert all(r["source"].startswith(s3_bucket + "/images/") for rs in rows.values() for r in rs)
 
 
+def _pack_cmd(src: str, dst) -> list[str]:
+    """``imgpipe pack`` as a real process: 4-row shards, a 2-CPU Ray of its own."""
+    return [sys.executable, "-m", "pipeline", "--quiet", "pack", src, str(dst), "--shard-rows", "4",
+            "--set", "ray.num_cpus=2"]
+
+
 def test_killed_pack_resumes_without_loss_or_duplicates(digits_dir, tmp_path):
     dst = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "pipeline", "--quiet", "pack", digits_dir, str(dst), "--shard-rows", "4",
-           "--set", "ray.num_cpus=2"]
+    cmd = _pack_cmd(digits_dir, dst)
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(dst.glob("*/part-*.parquet")):
@@ -384,8 +389,7 @@ def test_task_error_reaches_the_caller_as_its_cause(packed, tmp_path, monkeypatc
 def test_second_pack_into_a_live_dst_exits_2(tmp_path, digits_dir):
     """Both orders, real processes: a running pack refuses a second; a held lease refuses pack."""
     dst = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "pipeline", "--quiet", "pack", digits_dir, str(dst), "--shard-rows", "4",
-           "--set", "ray.num_cpus=2"]
+    cmd = _pack_cmd(digits_dir, dst)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (dst / LEASE).exists() and first.poll() is None:
