@@ -1,7 +1,8 @@
 """ingest: decode + train-time augmentation feeding an iterator. Ray Data vs DataLoader.
 
-Ours: what ``imgpipe train`` builds, consumed by the driver: the packed shards
-(:func:`pipeline.data.stream.read_split`, sha256-verified, shard order shuffled) ->
+Ours: what ``imgpipe train`` builds for one rank, consumed by the driver: the packed
+shards (:func:`pipeline.data.stream.train_stream`, sha256-verified, one stream for all
+passes) ->
 :class:`pipeline.transforms.AugmentBatch` in an actor pool (decode + ``TrainPreset``,
 uint8 out) -> ``iter_batches`` -> torch tensors. ``--actors`` actors (default: one per
 core) share the cores with the 0.2-CPU read task, so each holds ``(cpus - 0.2) / actors``
@@ -14,9 +15,8 @@ Sizes: ``--size large`` (default): 500x375 JPEGs, ImageNet recipe (RandomResized
 + flip); ``--size small``: 32x32 JPEGs, the digits recipe (resize 32, pad-3 random crop,
 rotation 10). Throughput is over ``--epochs`` passes (default 2) and excludes packing
 and Ray's start (reported apart). Each side's ``seconds_to_first_batch`` and
-``seconds_per_pass`` are in ``ours_extra`` / ``baseline_extra``; ours' first batch waits
-for actor start-up and for the local shuffle window that ``imgpipe train`` uses
-(``data.shuffle_buffer``; ``--shuffle-buffer`` to compare).
+``seconds_per_pass`` are in ``ours_extra`` / ``baseline_extra``; ours' first pass
+includes the actors' start-up, later passes do not (the stream lives for the run).
 
     python benchmarks/ingest.py                       # 2,000 large JPEGs, all cores
     python benchmarks/ingest.py --size small --n 20000
@@ -97,40 +97,41 @@ def baseline_ingest(root: str, acfg, size: int, cpus: int, batch: int, epochs: i
 
 def ours_ingest(manifest, acfg, size: int, cpus: int, actors: int, batch: int, epochs: int,
                 timing: dict | None = None, shuffle_buffer: int | None = None) -> int:
-    """Stream ``epochs`` passes; ``timing`` gets the seconds to the first batch of each pass.
-
-    ``shuffle_buffer``: rows of Ray Data's local shuffle window, as ``imgpipe train``
-    uses (``data.shuffle_buffer``); the first batch waits for it to fill."""
+    """Stream ``epochs`` passes as ``imgpipe train`` does for one rank: one ordered
+    stream over all epochs (:func:`pipeline.data.stream.train_stream`, its read tasks
+    and augment actors started once), cut into batches per epoch. ``timing`` gets each
+    pass's seconds and the seconds to its first batch. ``shuffle_buffer`` is ignored
+    (kept for callers): the training order needs no shuffle window."""
     import time
 
     import ray.data
     import torch
 
     from pipeline import transforms as augment
-    from pipeline.config import DataConfig
     from pipeline.data import stream
 
-    if shuffle_buffer is None:
-        shuffle_buffer = DataConfig().shuffle_buffer
-    n = 0
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        ds = stream.read_split(manifest, "train", columns=["image_id", "image", "label"], shuffle_seed=0)
-        ds = ds.map_batches(augment.AugmentBatch,
-                            fn_constructor_kwargs={"cfg": dataclasses.asdict(acfg), "size": size, "seed": 0},
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_cpus=round((cpus - READ_CPUS) / actors, 2), batch_size=acfg.batch_size)
-        first = True
-        for b in ds.iter_batches(batch_size=batch, batch_format="numpy", local_shuffle_buffer_size=shuffle_buffer or None):
-            x = torch.from_numpy(b["image"])
-            assert x.dtype == torch.uint8
-            if first and timing is not None:
-                timing.setdefault("first_batch_s", []).append(time.perf_counter() - t0)
+    ds = stream.train_stream(manifest, 0, 0, 1, 0, epochs)
+    ds = ds.map_batches(augment.AugmentBatch,
+                        fn_constructor_kwargs={"cfg": dataclasses.asdict(acfg), "size": size, "seed": 0},
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=round((cpus - READ_CPUS) / actors, 2), batch_size=acfg.batch_size)
+    n, current = 0, None
+    t_start = t_last = time.perf_counter()  # this pass's start: the previous pass's last batch
+    blocks = stream.ordered(ds).iter_batches(batch_size=None, batch_format="numpy")
+    for epoch, b in stream.epoch_batches(blocks, batch):
+        x = torch.from_numpy(b["image"])
+        assert x.dtype == torch.uint8
+        if epoch != current:
+            if current is not None and timing is not None:
+                timing.setdefault("pass_s", []).append(t_last - t_start)
+            current, t_start = epoch, t_last
+            if timing is not None:
+                timing.setdefault("first_batch_s", []).append(time.perf_counter() - t_start)
                 timing.setdefault("first_batch_n", []).append(len(x))
-                first = False
-            n += len(x)
-        if timing is not None:
-            timing.setdefault("pass_s", []).append(time.perf_counter() - t0)
+        n += len(x)
+        t_last = time.perf_counter()
+    if timing is not None:
+        timing.setdefault("pass_s", []).append(t_last - t_start)
     return n
 
 

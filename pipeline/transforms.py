@@ -14,8 +14,8 @@ model's device. This module owns:
 - the train transform in its two places: :class:`AugmentBatch` (a Ray Data actor
   pool, ``augment.device=cpu``) and :class:`WorkerAugment` (inside a training worker,
   on its device). Each image's random draws are seeded from ``(seed, epoch,
-  image_id)`` (:func:`augment_one`); the epoch comes from the training stream's
-  clock (:func:`pipeline.data.stream.epoch_clock`).
+  image_id)`` (:func:`augment_one`); the epoch is the training stream's ``epoch``
+  column (:func:`pipeline.data.stream.train_stream`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -34,7 +33,6 @@ from torchvision.transforms import InterpolationMode, v2
 
 from pipeline import images
 from pipeline.config import AugmentConfig
-from pipeline.data import stream
 
 IMAGENET_EVAL_CROP = 0.875  # resize to size/0.875 then center crop, as torchvision's references
 EXIF_ORIENTATION = 0x0112  # EXIF tag: 1 = stored upright
@@ -176,31 +174,25 @@ class EvalTransform:
 class AugmentBatch:
     """Ray Data ``map_batches`` class: decode + train transform a batch on CPU.
 
-    Input columns ``image`` (bytes), ``label``, ``image_id`` (and ``row``, the training
-    stream's row numbers, passed through); output ``image`` (uint8 N x 3 x S x S),
-    ``label`` (int64), ``image_id``. An image that fails to decode (packing validated
-    every shard image, so this means corruption) raises. ``clock_name`` names the
-    run's epoch clock; without it every batch is epoch 0.
+    Input columns ``image`` (bytes), ``label``, ``image_id``, ``epoch`` (the training
+    stream's, see :func:`pipeline.data.stream.train_stream`; other columns pass
+    through); output ``image`` (uint8 N x 3 x S x S), ``label`` (int64). Each image's
+    random draws are seeded from ``(seed, epoch, image_id)``, so the output does not
+    depend on which actor ran it or when. An image that fails to decode (packing
+    validated every shard image, so this means corruption) raises.
     """
 
-    def __init__(self, cfg: dict[str, Any], size: int, seed: int, clock_name: str | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any], size: int, seed: int) -> None:
         self.transform = TrainPreset(AugmentConfig(**cfg), size)
         self.seed, self.size = seed, size
-        self.clock = stream.epoch_clock(clock_name) if clock_name else None
         torch.set_num_threads(1)  # one actor = one core; parallelism comes from the pool
 
-    def epoch(self) -> int:
-        return 0 if self.clock is None else int(ray.get(self.clock.get.remote()))
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = self.epoch()
         out = np.empty((len(batch["image"]), 3, self.size, self.size), dtype=np.uint8)
-        for i, (data, image_id) in enumerate(zip(batch["image"], batch["image_id"])):
-            out[i] = augment_one(self.transform, decode_tensor(bytes(data)), self.seed, epoch, str(image_id)).numpy()
-        result = {"image": out, "label": batch["label"].astype(np.int64), "image_id": batch["image_id"]}
-        if "row" in batch:  # the training stream's row numbers (exact resume)
-            result["row"] = batch["row"]
-        return result
+        for i, (data, image_id, epoch) in enumerate(zip(batch["image"], batch["image_id"], batch["epoch"])):
+            out[i] = augment_one(self.transform, decode_tensor(bytes(data)), self.seed, int(epoch),
+                                 str(image_id)).numpy()
+        return {**batch, "image": out, "label": batch["label"].astype(np.int64)}
 
 
 class WorkerAugment:

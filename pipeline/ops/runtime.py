@@ -28,6 +28,9 @@ from pipeline.config import Config
 log = logging.getLogger("imgpipe")
 
 
+QUIET_BACKEND_LOG_LEVEL = "fatal"  # Ray's C++ log level on a normal (not --verbose) run
+
+
 def cluster_address(cfg: Config) -> str | None:
     """The cluster this process joins (``ray.address``, else ``$RAY_ADDRESS``); None: it
     starts a local instance of its own."""
@@ -74,6 +77,13 @@ def ensure_ray(cfg: Config, quiet: bool = False) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Keep the driver's console for our progress; Ray's INFO chatter only with --verbose.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1" if quiet else "0")
+    if not cfg.ray.verbose:
+        # Ray's C++ core writes its ERROR lines ("E ... core_worker.cc:...") to the driver's
+        # stderr; they are Ray's internal notes, never imgpipe's errors (a failure reaches
+        # us as an exception). Set before ray.init: read when the core worker starts; a
+        # local instance's raylet and workers inherit it, so their log files keep only
+        # FATAL lines. --verbose (ray.verbose) or an explicit RAY_BACKEND_LOG_LEVEL keep them.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", QUIET_BACKEND_LOG_LEVEL)
     level = logging.INFO if cfg.ray.verbose else logging.ERROR
     address = cluster_address(cfg)
     # Worker and actor output (Ray Train's banners, Ray Data's per-rank logs) only with
@@ -146,6 +156,27 @@ def train_resources(cfg: Config, cluster_cpus: float) -> TrainResources:
         # floor to 0.01: rounding up by a hair is enough to starve Ray Data for good
         per = max(0.01, min(1.0, math.floor((cluster_cpus - data_reserve) / n * 100) / 100))
     return TrainResources(per, max(0.0, cluster_cpus - per * n), 1.0 if cfg.train.use_gpu else 0.0)
+
+
+@dataclass(frozen=True)
+class AugmentPool:
+    """One training rank's share of Ray Data (see :func:`augment_pool`)."""
+
+    actors: int  # decode + augment actors of this rank's stream (0: the worker augments)
+    cpus_per_actor: float  # logical CPUs each
+    cpu_limit: float  # logical CPUs this rank's stream may use at once (actors + reads)
+
+
+def augment_pool(cfg: Config, world: int, cluster_cpus: float) -> AugmentPool:
+    """Each rank's training stream gets an equal share of what :func:`train_resources`
+    left for Ray Data: ``augment.actors`` (in all) split over the ranks, at least one
+    each, sized so that every rank's actors and a read task fit at the same time."""
+    share = train_resources(cfg, cluster_cpus).data_cpus / world
+    if cfg.augment.device != "cpu":
+        return AugmentPool(0, 0.0, share)
+    actors = max(1, math.ceil(cfg.augment.actors / world))
+    per = max(0.01, math.floor(min(AUGMENT_ACTOR_CPUS, (share - 2 * READ_TASK_CPUS) / actors) * 100) / 100)
+    return AugmentPool(actors, per, share)
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,11 @@ streams, runs a Ray Train ``TorchTrainer`` (DDP workers running
 :func:`pipeline.training.loop.train_loop`), follows its progress, then scores the best
 checkpoint on the test split and writes the report.
 
-Data: shards -> the training stream (:mod:`pipeline.data.stream`: per-epoch shard and
-row order from ``(seed, epoch)``, rows consumed before a mid-epoch restart skipped) ->
-decode + augment in an actor pool (or, with ``augment.device`` cuda/worker, in the
-training worker) -> ``streaming_split`` across ranks. Val goes through the one eval
-transform (:class:`pipeline.transforms.EvalTransform`), once, when it is small.
+Data: each worker builds its own training stream for the whole run
+(:mod:`pipeline.training.inputs`: its equal share of every epoch, in an order fixed by
+the config, decoded and augmented by its own actor pool or, with ``augment.device``
+cuda/worker, in the worker). Val goes through the one eval transform
+(:class:`pipeline.transforms.EvalTransform`), once, on the driver, when it is small.
 
 Restarting workers after a failure, or rerunning with the same ``train.run_name``,
 resumes from the run's latest checkpoint (see :mod:`pipeline.training.state`); a rerun
@@ -44,14 +44,14 @@ from pipeline.inference import evaluate
 from pipeline.models import artifact, pretrained
 from pipeline.models import zoo as models
 from pipeline.ops import lease, preflight
-from pipeline.ops.runtime import AUGMENT_ACTOR_CPUS, EVAL_TASK_CPUS, ensure_ray, train_resources
+from pipeline.ops.runtime import EVAL_TASK_CPUS, ensure_ray, train_resources
 from pipeline.ops.watchdog import Watchdog
 from pipeline.report import report
 from pipeline.training import callbacks, failures
 from pipeline.training.loop import train_loop
 from pipeline.training.progress import MetricsFollower, read_history
 from pipeline.training.state import CHECKPOINT_PREFIX, SCORE, CheckpointSaver, RunSpec
-from pipeline.transforms import AugmentBatch, EvalTransform
+from pipeline.transforms import EvalTransform
 
 log = logging.getLogger("imgpipe")
 
@@ -166,28 +166,20 @@ def _eval_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, size: int) -> 
             "image_id": batch["image_id"]}
 
 
-def _datasets(cfg: Config, manifest: shardset.Manifest, clock_name: str) -> tuple[dict[str, Any], Any]:
-    """The Ray datasets the trainer splits, and the val set in the object store (or None
-    when it is too large: then every rank reads the "val" dataset)."""
+def _val(cfg: Config, manifest: shardset.Manifest) -> tuple[dict[str, Any], Any]:
+    """The val set in the object store, transformed once here (a bad shard fails here),
+    or, when it is too large for that, Ray Train's "val" dataset every rank reads."""
     size = cfg.data.image_size
-    train_ds = stream.read_split(manifest, "train", columns=COLUMNS, shuffle_seed=cfg.train.seed,
-                                 clock_name=clock_name)
-    if cfg.augment.device == "cpu":
-        train_ds = train_ds.map_batches(
-            AugmentBatch, fn_constructor_kwargs={"cfg": config.to_dict(cfg)["augment"], "size": size,
-                                                 "seed": cfg.train.seed, "clock_name": clock_name},
-            compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors), num_cpus=AUGMENT_ACTOR_CPUS,
-            batch_size=cfg.augment.batch_size)
     val_ds = stream.read_split(manifest, "val", columns=COLUMNS).map_batches(
         _eval_batch, fn_kwargs={"cfg": cfg.augment, "size": size}, num_cpus=EVAL_TASK_CPUS, batch_size=256)
     if manifest.rows("val") * 3 * size * size > VAL_IN_MEMORY_BYTES:
-        return {"train": train_ds, "val": val_ds}, None
+        return {"val": val_ds}, None
     # Eval transforms are deterministic: run them once, and hand every rank the same
     # uint8 arrays through the object store instead of a pipeline per rank per epoch.
     parts = list(val_ds.iter_batches(batch_size=1024, batch_format="numpy"))
     val_ref = ray.put({"image": np.concatenate([b["image"] for b in parts]),
                        "label": np.concatenate([b["label"] for b in parts])})
-    return {"train": train_ds}, val_ref
+    return {}, val_ref
 
 
 def _trainer(cfg: Config, spec: RunSpec, datasets: dict[str, Any], name: str, storage_root: str,
@@ -210,8 +202,8 @@ def _trainer(cfg: Config, spec: RunSpec, datasets: dict[str, Any], name: str, st
             # worker failures restart in _fit_restarting, which knows bad input from bad luck
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets or None,  # the training stream is built in each worker
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
 
@@ -274,22 +266,16 @@ def run(cfg: Config, quiet: bool = False) -> dict[str, Any]:
 
 def _train(cfg: Config, manifest: shardset.Manifest, name: str, storage_root: str, pretrained_ref: Any,
            quiet: bool) -> ray.train.Result:
-    """Build the streams and the run's epoch clock, and train."""
+    """Prepare val, and train."""
     run_uri = storage.join(storage_root, name)
-    clock_name = f"epoch-clock-{name}"
-    clock = stream.epoch_clock(clock_name, on_this_node=True)  # here, so readers always find it
     try:
-        try:
-            datasets, val_ref = _datasets(cfg, manifest, clock_name)  # reads val here: a bad shard fails here
-        except RayError as e:
-            raise failures.as_error(e, f"training run {name}") from e
-        spec = RunSpec(config=cfg, classes=manifest.classes, train_rows=manifest.rows("train"),
-                       meta=_meta(cfg, manifest, run_uri), run_uri=run_uri, clock_name=clock_name,
-                       pretrained_ref=pretrained_ref, val_ref=val_ref)
-        return _fit(lambda: _trainer(cfg, spec, datasets, name, storage_root, manifest.rows("val")),
-                    cfg, name, run_uri, quiet)
-    finally:
-        ray.kill(clock)
+        datasets, val_ref = _val(cfg, manifest)
+    except RayError as e:
+        raise failures.as_error(e, f"training run {name}") from e
+    spec = RunSpec(config=cfg, manifest=manifest, meta=_meta(cfg, manifest, run_uri), run_uri=run_uri,
+                   pretrained_ref=pretrained_ref, val_ref=val_ref)
+    return _fit(lambda: _trainer(cfg, spec, datasets, name, storage_root, manifest.rows("val")),
+                cfg, name, run_uri, quiet)
 
 
 def _summary(cfg: Config, manifest: shardset.Manifest, name: str, storage_root: str, result: ray.train.Result,

@@ -4,28 +4,25 @@ Shape after torchvision's ``references/classification/train.py``: build the mode
 optimizer, restore the train state from the latest checkpoint, then per epoch
 :func:`train_one_epoch`, :func:`evaluate`, one metrics line and one checkpoint.
 
-Data: the driver's train stream (see :mod:`pipeline.data.stream`) arrives through
-``streaming_split`` (equal row counts, so every rank runs the same number of steps; the
-remainder, < world size, is reported as ``dropped_train_images``) and a bounded local
-shuffle window. With ``augment.device`` cuda/worker the batches hold encoded bytes,
-decoded and augmented here (:class:`BatchInput`). Every rank scores the whole (small)
-val set.
+Data: :class:`pipeline.training.inputs.TrainBatches`, this rank's share of every
+epoch in an order fixed by the config (see :mod:`pipeline.data.stream`); every rank
+scores the whole (small) val set.
 
-Exact resume: :class:`StepTracker` remembers the rows each step trained on; a mid-epoch
-checkpoint folds every rank's rows into the epoch's consumed-row bitmap. After a
-restart the loop hands that bitmap to the epoch clock and the readers skip those rows.
+Reproducible: the same config, seed and world size give the same batches on every
+rank and, on CPU, bitwise the same weights: augmentation is seeded per image and
+epoch, and the rest of the randomness (mixup/cutmix, dropout) per optimizer step
+(:func:`step_seed`). Exact resume: a mid-epoch checkpoint records how many rows of
+the epoch every rank has trained on; the restarted stream starts there.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -35,13 +32,11 @@ from torchvision.transforms import v2
 
 from pipeline import config, storage, transforms
 from pipeline.config import AugmentConfig, Config
-from pipeline.data import stream
 from pipeline.models import zoo as models
 from pipeline.training import callbacks
+from pipeline.training.inputs import BatchInput, TrainBatches, val_batches
 from pipeline.training.progress import Heartbeat, epoch_line, write_metrics
 from pipeline.training.state import SUMS, CheckpointSaver, Partial, RunSpec, TrainState, unwrap
-
-VAL_BATCH = 256  # images per val batch
 
 
 @dataclass(frozen=True)
@@ -56,28 +51,6 @@ class Schedule:
             return (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class BatchInput:
-    """A training batch -> the model's normalized float input on the device. With
-    ``augment.device`` cuda/worker the batch holds encoded bytes, decoded and augmented
-    here first (:class:`pipeline.transforms.WorkerAugment`)."""
-
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.mean, self.std, self.device = cfg.augment.mean, cfg.augment.std, device
-        self.channels_last = device.type == "cuda" and cfg.train.channels_last
-        self.augment = None
-        if cfg.augment.device != "cpu":
-            self.augment = transforms.WorkerAugment(cfg.augment, cfg.data.image_size, cfg.train.seed, device)
-
-    @property
-    def decoded(self) -> bool:
-        """Whether batches arrive decoded (uint8) rather than as encoded bytes."""
-        return self.augment is None
-
-    def __call__(self, batch: dict[str, Any], epoch: int) -> torch.Tensor:
-        images = batch["image"] if self.augment is None else self.augment(batch["image"], batch["image_id"], epoch)
-        return transforms.to_input(images, self.mean, self.std, self.device, self.channels_last)
 
 
 @dataclass
@@ -112,19 +85,28 @@ def _set_lr(opt: torch.optim.Optimizer, factor: float, freeze_backbone: bool) ->
     return lr
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of optimizer step ``step`` on ``rank`` (mixup/cutmix, dropout): a
+    function of the position in the run, so a resumed run draws what it would have."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
 def train_one_epoch(learner: Learner, batches: Iterable[dict[str, Any]], epoch: int, step: int,
-                    tracker: StepTracker | None = None) -> dict[str, float]:
+                    seed: int, rank: int, tracker: StepTracker | None = None) -> dict[str, float]:
     """One pass over ``batches`` of epoch index ``epoch``, from optimizer step ``step``;
-    ``tracker.after_step`` runs after every step. Returns this rank's sums, the last lr
-    and the step reached."""
+    ``tracker.after_step`` runs after every step. Returns this rank's sums, the last lr,
+    the step reached and ``step_seconds`` (inside steps; the rest of ``seconds`` is
+    waiting for data)."""
     m = learner
     m.model.train()
     freeze = epoch < m.freeze_backbone_epochs
-    stats = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0, "lr": 0.0}
-    t0 = time.time()
+    stats = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0, "lr": 0.0, "step_seconds": 0.0}
+    t0 = time.perf_counter()
     for batch in batches:
+        t_step = time.perf_counter()
         x = m.inputs(batch, epoch)
         y = batch["label"].to(m.device)
+        torch.manual_seed(step_seed(seed, step, rank))
         target = y
         if m.mixer is not None:
             x, target = m.mixer(x, y)
@@ -143,10 +125,11 @@ def train_one_epoch(learner: Learner, batches: Iterable[dict[str, Any]], epoch: 
         stats["seen"] += len(y)
         stats["loss_sum"] += loss.item() * len(y)
         stats["correct"] += (logits.argmax(1) == y).sum().item()
-        stats["seconds"] = time.time() - t0
+        stats["step_seconds"] += time.perf_counter() - t_step
+        stats["seconds"] = time.perf_counter() - t0
         if tracker is not None:
             tracker.after_step(step, batch, stats)
-    stats["seconds"] = time.time() - t0
+    stats["seconds"] = time.perf_counter() - t0
     return {"step": step, **stats}
 
 
@@ -178,14 +161,6 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _all_gather(mine: np.ndarray) -> list[np.ndarray]:
-    everyone = [mine]
-    if dist.is_available() and dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    return everyone
-
-
 @dataclass
 class Worker:
     """This rank, and what its loop reports to."""
@@ -199,21 +174,20 @@ class Worker:
 
 
 class StepTracker:
-    """After each optimizer step of one epoch: remembers the rows trained on, calls the
+    """After each optimizer step of one epoch: counts the rows trained on, calls the
     callbacks, beats (rank 0), and every ``train.checkpoint_every_steps`` steps writes a
-    mid-epoch checkpoint with the epoch's consumed rows (from all ranks) and sums."""
+    mid-epoch checkpoint with the epoch's position and sums."""
 
     def __init__(self, worker: Worker, state: TrainState, epoch: int) -> None:
         self.worker, self.state, self.epoch = worker, state, epoch
-        self.consumed: np.ndarray | None = None  # rows trained on, as of the last checkpoint
+        self.position = 0  # rows of this epoch this rank has trained on
         self.carry = dict.fromkeys(SUMS, 0.0)  # sums of the steps before a mid-epoch restart
         if state.partial is not None and state.partial.epoch == epoch:
-            self.consumed, self.carry = state.partial.consumed, dict(state.partial.sums)
-        self.rows: list[np.ndarray] = []  # row numbers trained on since the last checkpoint
+            self.position, self.carry = state.partial.position, dict(state.partial.sums)
 
     def after_step(self, step: int, batch: dict[str, Any], stats: dict[str, float]) -> None:
         w = self.worker
-        self.rows.append(batch["row"])
+        self.position += len(batch["label"])
         w.callbacks.on_step(w.rank, self.epoch, batch)
         if w.rank == 0:
             w.beat(step)
@@ -224,57 +198,12 @@ class StepTracker:
     def checkpoint(self, step: int, stats: dict[str, float]) -> None:
         """A mid-epoch checkpoint (collective: every rank calls it at the same step)."""
         w = self.worker
-        mine = np.concatenate(self.rows) if self.rows else np.empty(0, dtype=np.int64)
-        self.consumed = stream.mark_consumed(w.spec.train_rows, self.consumed, _all_gather(mine))
-        self.rows.clear()
-        w.saver.save_mid_epoch(self.state, step, Partial(self.epoch, self.consumed, self.totals(stats)))
+        w.saver.save_mid_epoch(self.state, step, Partial(self.epoch, self.position, self.totals(stats)))
         w.callbacks.on_checkpoint(w.rank, self.epoch)
 
     def totals(self, stats: dict[str, float]) -> dict[str, float]:
         """The epoch's SUMS over all ranks, with those before a restart (collective)."""
         return {k: self.carry[k] + v for k, v in zip(SUMS, _all_reduce([stats[k] for k in SUMS]))}
-
-
-# ------------------------------------------------------------------ batches
-
-
-def _batches(it: Iterable[dict[str, np.ndarray]], decoded: bool = True) -> Iterator[dict[str, Any]]:
-    """numpy batches -> torch tensors (label int64; image uint8 when ``decoded``, else the
-    encoded bytes for :class:`BatchInput`); ids and rows kept as numpy."""
-    for b in it:
-        out = {"image": torch.from_numpy(b["image"]) if decoded else b["image"],
-               "label": torch.from_numpy(b["label"].astype("int64")), "image_id": b["image_id"]}
-        if "row" in b:
-            out["row"] = b["row"]
-        yield out
-
-
-def _memory_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, Any]]:
-    for i in range(0, len(data["label"]), batch_size):
-        yield {"image": torch.from_numpy(data["image"][i:i + batch_size]),
-               "label": torch.from_numpy(data["label"][i:i + batch_size])}
-
-
-class WorkerData:
-    """This rank's batches: its split of the train stream each epoch, and the val set
-    (from the object store when the driver transformed it once, else a dataset shard)."""
-
-    def __init__(self, spec: RunSpec, rank: int, decoded: bool) -> None:
-        self.cfg, self.rank, self.decoded = spec.config, rank, decoded
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.val_data = ray.get(spec.val_ref) if spec.val_ref is not None else None
-        self.val_shard = ray.train.get_dataset_shard("val") if self.val_data is None else None
-
-    def train(self, epoch: int) -> Iterator[dict[str, Any]]:
-        t, d = self.cfg.train, self.cfg.data
-        return _batches(self.train_shard.iter_batches(
-            batch_size=t.batch_size, batch_format="numpy", local_shuffle_buffer_size=d.shuffle_buffer or None,
-            local_shuffle_seed=t.seed * 100_003 + epoch * 101 + self.rank), decoded=self.decoded)
-
-    def val(self) -> Iterator[dict[str, Any]]:
-        if self.val_data is not None:
-            return _memory_batches(self.val_data, VAL_BATCH)
-        return _batches(self.val_shard.iter_batches(batch_size=VAL_BATCH, batch_format="numpy"))
 
 
 # ------------------------------------------------------------------ building
@@ -345,20 +274,26 @@ def build_learner(spec: RunSpec, device: torch.device, world: int) -> Learner:
 
 
 def _finish_epoch(worker: Worker, state: TrainState, epoch: int, sums: dict[str, float],
-                  ev: dict[str, Any], lr: float) -> bool:
+                  ev: dict[str, Any], tr: dict[str, float], wall: float) -> bool:
     """Book the epoch: metrics (rank 0: metrics.jsonl and the epoch line), then its
-    checkpoint. True when early stopping ends the run here."""
+    checkpoint. ``tr``: this rank's :func:`train_one_epoch` result; ``wall``: seconds
+    since the previous epoch was booked (or the worker started). True when early
+    stopping ends the run here."""
     cfg, world, n_train = worker.spec.config, worker.world, worker.spec.train_rows
     seen, vn = sums["seen"], ev["n"]
     val_acc = float(ev["confusion"].diag().sum()) / max(vn, 1)
     state.record(val_acc)
     metrics = {"epoch": epoch + 1, "step": state.step, "train_loss": sums["loss_sum"] / max(seen, 1),
                "train_accuracy": sums["correct"] / max(seen, 1), "val_loss": ev["loss_sum"] / max(vn, 1),
-               "val_accuracy": val_acc, "best_val_accuracy": state.best_acc, "lr": lr,
+               "val_accuracy": val_acc, "best_val_accuracy": state.best_acc, "lr": tr["lr"],
                "train_images": int(seen), "val_images": int(vn),
                "dropped_train_images": int(n_train - seen),  # equal split's remainder
                "images_per_second": seen / max(sums["seconds"] / world, 1e-9),
-               "epoch_seconds": sums["seconds"] / world}
+               "epoch_seconds": sums["seconds"] / world,
+               # this rank's wall time since the last epoch was booked, and the part of it
+               # outside optimizer steps: waiting for data, val, the last checkpoint, start-up
+               "wall_seconds": wall, "step_seconds": tr["step_seconds"],
+               "overhead_seconds": wall - tr["step_seconds"]}
     state.history.append(metrics)
     patience = cfg.train.early_stopping_patience
     stop = patience > 0 and state.since_best >= patience
@@ -384,6 +319,7 @@ def _resume(worker: Worker) -> TrainState:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; ``loop_config["spec"]`` is the driver's :class:`RunSpec`."""
+    t_mark = time.perf_counter()
     spec: RunSpec = loop_config["spec"]
     cfg = spec.config
     storage.configure(config.storage_options(cfg))
@@ -396,15 +332,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     saver = CheckpointSaver(rank, spec.meta, learner.model, learner.opt, learner.ema)
     worker = Worker(spec, rank, world, saver, Heartbeat(spec.run_uri), callbacks.load(cfg.train.callbacks))
     state = _resume(worker)
-    clock = stream.epoch_clock(spec.clock_name)
-    data = WorkerData(spec, rank, learner.inputs.decoded)
-    for epoch in range(state.epoch, cfg.train.epochs):
-        tracker = StepTracker(worker, state, epoch)
-        state.partial = None
-        ray.get(clock.set.remote(epoch, tracker.consumed))  # every rank sets it before the epoch's data flows
-        torch.manual_seed(hash((cfg.train.seed, epoch, state.step, rank)) % 2**63)  # mixup draws
-        tr = train_one_epoch(learner, data.train(epoch), epoch, state.step, tracker)
-        state.step = int(tr["step"])
-        ev = evaluate(learner.scorer(), data.val(), cfg.augment, device, len(spec.classes))
-        if _finish_epoch(worker, state, epoch, tracker.totals(tr), ev, tr["lr"]):
-            break
+    skip = state.partial.position if state.partial is not None and state.partial.epoch == state.epoch else 0
+    data = TrainBatches(spec, rank, world, state.epoch, skip)
+    try:
+        for epoch in range(state.epoch, cfg.train.epochs):
+            tracker = StepTracker(worker, state, epoch)
+            state.partial = None
+            tr = train_one_epoch(learner, data.epoch(epoch), epoch, state.step, cfg.train.seed, rank, tracker)
+            state.step = int(tr["step"])
+            ev = evaluate(learner.scorer(), val_batches(spec), cfg.augment, device, len(spec.classes))
+            now = time.perf_counter()
+            stop = _finish_epoch(worker, state, epoch, tracker.totals(tr), ev, tr, now - t_mark)
+            t_mark = now
+            if stop:
+                break
+    finally:
+        data.close()

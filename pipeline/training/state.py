@@ -5,7 +5,9 @@ checkpoint policy (:class:`CheckpointSaver`).
 A checkpoint folder is also a model artifact (``weights.pt`` + ``meta.json``, see
 :mod:`pipeline.models.artifact`) plus ``train_state.pt``: model, optimizer (and EMA),
 step (hence the schedule), best accuracy, the history; a mid-epoch one also the epoch's
-data position (consumed rows, see :mod:`pipeline.data.stream`) and running sums.
+data position (rows each rank has trained on, see :mod:`pipeline.data.stream`) and
+running sums. Random draws need no saved state: augmentation is seeded per image and
+epoch, everything else per optimizer step.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray.train
 import torch
 from torch import nn
 
 from pipeline import names
 from pipeline.config import Config
+from pipeline.data.shardset import Manifest
 from pipeline.models import artifact
 
 SUMS = ("seen", "loss_sum", "correct", "seconds")  # per-epoch training sums, reduced over ranks
@@ -36,30 +38,38 @@ class RunSpec:
     """Everything a worker gets from the driver (Ray Train's ``train_loop_config``)."""
 
     config: Config
-    classes: list[str]
-    train_rows: int  # rows in the train split (the consumed-row bitmap has one bit each)
+    manifest: Manifest  # the dataset (the train split's shards and their row counts)
     meta: dict[str, Any]  # meta.json of every checkpoint artifact, less its metrics and epoch
     run_uri: str
-    clock_name: str  # the run's EpochClock actor
     pretrained_ref: Any = None  # ObjectRef of the verified ``model.pretrained`` state dict; None: none
     val_ref: Any = None  # ObjectRef of the transformed val set; None: read the "val" dataset shard
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.classes
+
+    @property
+    def train_rows(self) -> int:
+        return self.manifest.rows("train")
 
 
 @dataclass
 class Partial:
-    """A mid-epoch checkpoint's data position: which rows epoch index ``epoch`` has
-    trained on (a bitmap over the train split) and its training sums so far."""
+    """A mid-epoch checkpoint's data position: epoch index ``epoch``, of which every rank
+    has trained on its first ``position`` rows, and the epoch's training sums so far."""
 
     epoch: int
-    consumed: np.ndarray  # np.packbits, one bit per train row
+    position: int  # rows per rank (equal on every rank)
     sums: dict[str, float]  # the SUMS over all ranks
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": torch.from_numpy(self.consumed), **self.sums}
+        return {"epoch": self.epoch, "position": self.position, **self.sums}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Partial:
-        return cls(int(d["epoch"]), d["consumed"].numpy(), {k: float(d[k]) for k in SUMS})
+        if "position" not in d:  # a checkpoint from before positions (a consumed-row bitmap)
+            return cls(int(d["epoch"]), 0, dict.fromkeys(SUMS, 0.0))  # that epoch restarts
+        return cls(int(d["epoch"]), int(d["position"]), {k: float(d[k]) for k in SUMS})
 
 
 @dataclass
