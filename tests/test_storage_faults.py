@@ -307,7 +307,8 @@ def test_read_many_reset_and_truncated_body_then_success(proxy, direct, s3_bucke
 def test_write_shard_batched_reads_keep_order_and_quarantine(proxy, direct, s3_bucket):
     """pack's write_shard over S3 through the proxy, in-process (no Ray): more rows than
     one read_many batch, a throttled object read after retries, a missing one quarantined
-    as before, rows kept in order; a 403 fails the task naming the URI."""
+    as before, rows kept in order; a 403 fails the task (returned as data to the driver,
+    which raises it as itself) naming the URI."""
     import io
 
     import pyarrow.parquet as pq
@@ -338,6 +339,7 @@ def test_write_shard_batched_reads_keep_order_and_quarantine(proxy, direct, s3_b
     assert errors.column("error")[0].as_py() == f"missing: not found: {sources[7]}"
 
     proxy.add_fault(method="GET", path_contains=names[280], status=403, code="AccessDenied", times=None)
-    with pytest.raises(storage.Forbidden, match=re.escape(sources[280])):
-        packing.write_shard({**task, "index": 1}, storage.default_options(), images.MAX_PIXELS)
+    failed = packing.write_shard({**task, "index": 1}, storage.default_options(), images.MAX_PIXELS)["failed"]
+    with pytest.raises(storage.Forbidden, match=re.escape(sources[280])):  # re-raised by the driver as itself
+        packing.raise_failure(failed)
     assert not direct.exists(f"{_bucket(s3_bucket)}/out/train/part-00001.parquet")
