@@ -189,9 +189,11 @@ class AugmentBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = np.empty((len(batch["image"]), 3, self.size, self.size), dtype=np.uint8)
-        for i, (data, image_id, epoch) in enumerate(zip(batch["image"], batch["image_id"], batch["epoch"])):
-            out[i] = augment_one(self.transform, decode_tensor(bytes(data)), self.seed, int(epoch),
-                                 str(image_id)).numpy()
+        decoded = decode_batch([bytes(b) for b in batch["image"]], "cpu")  # same pixels as decode_tensor
+        for i, (img, image_id, epoch) in enumerate(zip(decoded, batch["image_id"], batch["epoch"])):
+            if isinstance(img, images.ImageError):
+                raise img
+            out[i] = augment_one(self.transform, img, self.seed, int(epoch), str(image_id)).numpy()
         return {**batch, "image": out, "label": batch["label"].astype(np.int64)}
 
 

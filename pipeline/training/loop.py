@@ -95,15 +95,18 @@ def train_one_epoch(learner: Learner, batches: Iterable[dict[str, Any]], epoch: 
                     seed: int, rank: int, tracker: StepTracker | None = None) -> dict[str, float]:
     """One pass over ``batches`` of epoch index ``epoch``, from optimizer step ``step``;
     ``tracker.after_step`` runs after every step. Returns this rank's sums, the last lr,
-    the step reached and ``step_seconds`` (inside steps; the rest of ``seconds`` is
-    waiting for data)."""
+    the step reached, ``step_seconds`` (inside steps; the rest of ``seconds`` is
+    waiting for data) and ``first_batch_seconds``."""
     m = learner
     m.model.train()
     freeze = epoch < m.freeze_backbone_epochs
-    stats = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0, "lr": 0.0, "step_seconds": 0.0}
+    stats = {"seen": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0, "lr": 0.0, "step_seconds": 0.0,
+             "first_batch_seconds": 0.0}
     t0 = time.perf_counter()
     for batch in batches:
         t_step = time.perf_counter()
+        if not stats["seen"]:
+            stats["first_batch_seconds"] = t_step - t0
         x = m.inputs(batch, epoch)
         y = batch["label"].to(m.device)
         torch.manual_seed(step_seed(seed, step, rank))
@@ -293,7 +296,14 @@ def _finish_epoch(worker: Worker, state: TrainState, epoch: int, sums: dict[str,
                # this rank's wall time since the last epoch was booked, and the part of it
                # outside optimizer steps: waiting for data, val, the last checkpoint, start-up
                "wall_seconds": wall, "step_seconds": tr["step_seconds"],
-               "overhead_seconds": wall - tr["step_seconds"]}
+               "overhead_seconds": wall - tr["step_seconds"],
+               # where the overhead goes (this rank): the wait for the epoch's first batch,
+               # the other waits for data, val, and booking the previous epoch (metrics +
+               # checkpoint; in epoch 1: the worker's start instead)
+               "first_batch_seconds": tr["first_batch_seconds"],
+               "data_wait_seconds": tr["seconds"] - tr["step_seconds"] - tr["first_batch_seconds"],
+               "val_seconds": tr["val_seconds"],
+               "booking_seconds": wall - tr["seconds"] - tr["val_seconds"]}
     state.history.append(metrics)
     patience = cfg.train.early_stopping_patience
     stop = patience > 0 and state.since_best >= patience
@@ -340,8 +350,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state.partial = None
             tr = train_one_epoch(learner, data.epoch(epoch), epoch, state.step, cfg.train.seed, rank, tracker)
             state.step = int(tr["step"])
+            t_val = time.perf_counter()
             ev = evaluate(learner.scorer(), val_batches(spec), cfg.augment, device, len(spec.classes))
             now = time.perf_counter()
+            tr["val_seconds"] = now - t_val
             stop = _finish_epoch(worker, state, epoch, tracker.totals(tr), ev, tr, now - t_mark)
             t_mark = now
             if stop:
