@@ -29,6 +29,12 @@ ALIASES = "aliases.json"
 SUCCESS = "_SUCCESS"  # the commit marker: lists the committed part files
 STATE_DIR = "_state"  # the input listing snapshot and run state
 PREDICT_REPORT_DIR = "_report"
+# predict's own tables (DST/_state/*, DST/_errors/*) are Parquet files whose names do not end in
+# ".parquet", so that readers' 'DST/*.parquet' and 'DST/**/*.parquet' globs reach only predictions
+PREDICT_SIDE_TABLE = ".pq"  # suffix of DST/_errors/part-<h>.pq (source, image_id, error)
+PREDICT_LISTING = "listing.pq"  # DST/_state/: the input listing snapshot of the current attempt
+PREDICT_COMMITTED_LISTING = "committed_listing.pq"  # DST/_state/: the listing of the last commit
+PREDICT_ATTEMPT = "attempt.json"  # DST/_state/: the current attempt (run id, model, input, committed)
 
 # leases (pipeline.ops.lease): one live run per output folder, dataset or training run
 LEASE = "_lease.json"  # <folder>/_lease.json: owner, heartbeat, expiry; deleted when the run ends

@@ -14,11 +14,21 @@ import pytest
 from pipeline import registry, storage
 from pipeline.errors import UserError
 from pipeline.inference import predict
+from pipeline.names import LEASE
 from tests.conftest import small_config
+
+
+def expire_lease(dst):
+    """Move the expiry of ``dst``'s lease into the past (a crashed holder, ray.lease_ttl_s passed)."""
+    path = dst / LEASE
+    record = json.loads(path.read_text())
+    record["expires"] = "2000-01-01T00:00:00.000+00:00"
+    path.write_text(json.dumps(record))
 
 COLUMNS = [("image_id", "string"), ("source", "string"), ("label", "int32"), ("label_name", "string"),
            ("score", "float"), ("topk_labels", "list<element: int32>"),
-           ("topk_scores", "list<element: float>"), ("model", "string"), ("run_id", "string")]
+           ("topk_scores", "list<element: float>"), ("model", "string"), ("run_id", "string"),
+           ("topk_label_names", "list<element: string>")]
 
 
 def _committed(dst):
@@ -121,7 +131,7 @@ def test_killed_predict_rerun_is_exactly_once(trained, digits_dir, tmp_path):
            "--input", src, "--output", str(dst), "--rows-per-file", "8",
            "--set", "ray.num_cpus=2", "--set", "predict.batch_size=8"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded machine starts Ray slowly
     while time.time() < deadline and not list(dst.glob("part-*.parquet")):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)
@@ -133,6 +143,10 @@ def test_killed_predict_rerun_is_exactly_once(trained, digits_dir, tmp_path):
     # reuse its listing snapshot instead of listing the prefix again
     import shutil
     shutil.copy(sorted(f.uri for f in storage.iter_files(digits_dir))[-1], os.path.join(src, "0", "late.png"))
+    # the killed run's lease is live until ray.lease_ttl_s passes: a rerun now is refused
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "in use by a live run" in r.stderr, r.stderr[-2000:]
+    expire_lease(dst)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -162,9 +176,10 @@ def test_predict_on_s3(trained, digits_dir, s3_bucket, s3_server):
 def test_too_many_bad_images_fail_without_commit(trained, digits_dir, tmp_path):
     from pipeline.errors import JobFailed
 
-    src, n = _images(tmp_path, digits_dir, n=20)  # 1 bad of 21 > 1%
-    with pytest.raises(JobFailed, match="data.max_bad_fraction"):
-        predict.run(trained["best_checkpoint_uri"], src, str(tmp_path / "o"), small_config(), quiet=True)
+    src, n = _images(tmp_path, digits_dir, n=20)  # 1 bad of 21 > 1%, and >= a minimum count of 1
+    cfg = small_config(predict={"max_bad_min_count": 1})
+    with pytest.raises(JobFailed, match=r"predict.max_bad_fraction.*broken.png"):
+        predict.run(trained["best_checkpoint_uri"], src, str(tmp_path / "o"), cfg, quiet=True)
     assert not (tmp_path / "o" / "_SUCCESS").exists()
 
 

@@ -10,7 +10,8 @@ both build their job from these stages (the read tasks are in
       -> ModelActor (model pool; one GPU each with predict.num_gpus; with predict.gpu_decode
          it decodes the bytes itself, transforms.decode_batch on its device, and there
          is no DecodeActor)                 -> image_id, source, truth, label, label_name, score,
-                                               topk_labels, topk_scores, truth_score, model,
+                                               topk_labels, topk_scores, topk_label_names,
+                                               truth_score, model,
                                                run_id, error
 
 A row is never dropped: an image that cannot be read or decoded keeps its row with a
@@ -22,6 +23,7 @@ probability (NaN when unknown).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +31,13 @@ import numpy as np
 import ray
 import ray.data
 import torch
+import torchvision
 
 from pipeline import images, registry, storage
 from pipeline.config import AugmentConfig, Config
+from pipeline.errors import UserError
 from pipeline.inference.tasks import READ_BATCH
-from pipeline.models import artifact, zoo
+from pipeline.models import artifact, pretrained, zoo
 from pipeline.ops import preflight
 from pipeline.ops.runtime import PredictResources, ensure_ray, predict_resources
 from pipeline.transforms import EvalTransform, to_input
@@ -43,8 +47,8 @@ from pipeline.transforms import EvalTransform, to_input
 class Scorer:
     """A model resolved and verified on the driver, and how its inputs are prepared."""
 
-    uri: str  # the artifact folder the actors load
-    name: str  # ``name@vN`` for registry models, else the artifact URI
+    uri: str  # the artifact folder the actors load, or the pretrained weights' name
+    name: str  # ``name@vN`` for registry models, the weights' name, else the artifact URI
     meta: dict[str, Any]
     eval_augment: AugmentConfig  # the run's augment config with the model's eval preset
     image_size: int  # px, the model's input size
@@ -61,8 +65,45 @@ def model_id(meta: dict[str, Any], uri: str) -> str:
     return uri
 
 
+def _weights_meta(spec: str) -> dict[str, Any]:
+    """arch, classes, input size and normalization of pretrained weights ``spec``
+    (``efficientnet_lite0:imagenet`` or a torchvision weights name)."""
+    if spec == pretrained.LITE0_SPEC:  # trained on ImageNet-1k, torchvision's class order and eval recipe
+        classes = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+        return {"arch": pretrained.LITE0, "classes": list(classes), "image_size": 224,
+                "mean": list(pretrained.IMAGENET_MEAN), "std": list(pretrained.IMAGENET_STD)}
+    try:
+        weights = torchvision.models.get_weight(spec)
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"--model {spec}: unknown torchvision weights (e.g. ResNet18_Weights.IMAGENET1K_V1)") from None
+    arch = next((m for m in torchvision.models.list_models(module=torchvision.models)
+                 if torchvision.models.get_model_weights(m) is type(weights)), None)
+    if arch is None:
+        raise UserError(f"--model {spec}: no classifier in torchvision.models takes these weights")
+    t = weights.transforms()
+    return {"arch": arch, "classes": list(weights.meta["categories"]), "image_size": int(t.crop_size[0]),
+            "mean": list(t.mean), "std": list(t.std)}
+
+
+def _weights_scorer(spec: str, cfg: Config) -> Scorer:
+    """``--model`` naming pretrained weights: their own classes, input size and normalization,
+    the ImageNet eval recipe (resize, center crop)."""
+    meta = _weights_meta(spec)
+    state = pretrained.resolve_pretrained(spec, meta["arch"])  # exit 2 here when not installed / not downloadable
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    meta.update(weights_sha256=digest.hexdigest(), weights_name=spec, eval_preset="imagenet")
+    eval_augment = dataclasses.replace(cfg.augment, preset="imagenet", mean=meta["mean"], std=meta["std"])
+    return Scorer(spec, spec, meta, eval_augment, meta["image_size"])
+
+
 def load_scorer(model_ref: str, cfg: Config) -> Scorer:
-    """Resolve and verify ``--model`` (registry ref or checkpoint URI); exit 2 if unusable."""
+    """Resolve and verify ``--model`` (registry ref, checkpoint URI, or pretrained weights
+    name as in ``model.pretrained``); exit 2 if unusable."""
+    if pretrained.is_weights_name(model_ref):
+        return _weights_scorer(model_ref, cfg)
     art = artifact.load(registry.resolve_model(model_ref, cfg.registry.uri))
     preset = art.meta.get("eval_preset", cfg.augment.preset)
     eval_augment = dataclasses.replace(cfg.augment, preset=preset)
@@ -127,9 +168,11 @@ class ModelActor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.transform = EvalTransform(scorer.eval_augment, scorer.image_size)
         torch.set_num_threads(max(1, spec.threads))
-        art = artifact.load(scorer.uri)
+        weights_name = scorer.meta.get("weights_name")  # set by load_scorer for pretrained weights only
+        state = pretrained.resolve_pretrained(weights_name, scorer.meta["arch"]) if weights_name \
+            else artifact.load(scorer.uri).state_dict
         model = zoo.build_model(scorer.meta["arch"], len(self.classes))
-        model.load_state_dict(art.state_dict)
+        model.load_state_dict(state)
         model.eval().to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
@@ -178,6 +221,7 @@ class ModelActor:
         return {"image_id": batch["image_id"], "source": batch["source"], "truth": batch["truth"],
                 "label": labels, "label_name": np.array([self.classes[i] if i >= 0 else "" for i in labels], dtype=object),
                 "score": top_s[:, 0].copy(), "topk_labels": list(top_l), "topk_scores": list(top_s),
+                "topk_label_names": [[self.classes[i] for i in row] for row in top_l],
                 "truth_score": truth_s, "model": np.array([self.scorer.name] * n, dtype=object),
                 "run_id": np.array([self.spec.run_id] * n, dtype=object), "error": batch["error"]}
 

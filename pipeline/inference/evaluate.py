@@ -24,6 +24,7 @@ from pipeline.config import Config
 from pipeline.data import shardset
 from pipeline.errors import UserError
 from pipeline.inference import actors, tasks
+from pipeline.ops import failures
 
 RESULT_SCHEMA = pa.schema([("image_id", pa.string()), ("source", pa.string()), ("label", pa.int64()),
                            ("predicted", pa.int64()), ("score", pa.float32()), ("label_score", pa.float32())])
@@ -78,7 +79,10 @@ def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False,
     res = actors.start(cfg, scorer, "evaluate", quiet)
     spec = actors.ModelSpec(run_id="evaluate", topk=1, batch_size=cfg.predict.batch_size,
                             threads=res.model_threads, gpu_decode=cfg.predict.gpu_decode)
-    table, errors = _collect(actors.score(tasks.read_split(manifest, split), scorer, spec, cfg, res))
+    try:
+        table, errors = _collect(actors.score(tasks.read_split(manifest, split), scorer, spec, cfg, res))
+    except Exception as e:  # noqa: BLE001 - Ray's wrappers -> the cause, as UserError / JobFailed
+        raise failures.as_error(e, f"evaluate {scorer.name} on {manifest.root}:{split}") from e
     cm = confusion_matrix(table.column("label").to_numpy(), table.column("predicted").to_numpy(),
                           len(manifest.classes))
     if predictions_uri is not None:

@@ -19,7 +19,7 @@ import ray.data
 from pipeline import storage
 from pipeline.data import shardset, stream
 from pipeline.data.shardset import Manifest
-from pipeline.names import ERRORS_DIR
+from pipeline.names import ERRORS_DIR, PREDICT_SIDE_TABLE
 from pipeline.ops.runtime import READ_TASK_CPUS
 
 READ_BATCH = 64  # images per read / decode call; threads inside a read overlap S3 latency
@@ -28,6 +28,7 @@ PRED_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source", pa.string()), ("label", pa.int32()),
     ("label_name", pa.string()), ("score", pa.float32()), ("topk_labels", pa.list_(pa.int32())),
     ("topk_scores", pa.list_(pa.float32())), ("model", pa.string()), ("run_id", pa.string()),
+    ("topk_label_names", pa.list_(pa.string())),  # the names of topk_labels (added after run_id)
 ])
 ERROR_SCHEMA = shardset.ERROR_SCHEMA
 
@@ -55,12 +56,15 @@ def read_objects(batch: dict[str, np.ndarray], opts: storage.StorageOptions) -> 
 
 
 def read_listing(listing: pa.Table, opts: storage.StorageOptions) -> ray.data.Dataset | None:
-    """Stored images named by ``listing`` (columns ``uri``, ``truth``); None when empty."""
+    """Stored images named by ``listing`` (columns ``uri``, ``truth``); None when empty.
+    A task's error (e.g. :class:`pipeline.storage.Forbidden`) reaches the consumer as
+    itself, not as Ray Data's UserCodeException (see :func:`pipeline.data.stream.read_split`)."""
     if listing.num_rows == 0:
         return None
     blocks = [listing.slice(i, LISTING_BLOCK) for i in range(0, listing.num_rows, LISTING_BLOCK)]
-    return ray.data.from_arrow(blocks).map_batches(read_objects, fn_kwargs={"opts": opts},
-                                                    batch_size=READ_BATCH, num_cpus=READ_TASK_CPUS)
+    ds = ray.data.from_arrow(blocks)
+    ds.context.raise_original_map_exception = True
+    return ds.map_batches(read_objects, fn_kwargs={"opts": opts}, batch_size=READ_BATCH, num_cpus=READ_TASK_CPUS)
 
 
 def shard_rows(batch: dict[str, np.ndarray], skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
@@ -80,12 +84,21 @@ def read_split(manifest: Manifest, split: str, skip: frozenset[str] = frozenset(
 # ------------------------------------------------------------------------ output
 
 
-def write_part(batch: dict[str, Any], dst: str, model_name: str, opts: storage.StorageOptions) -> dict[str, Any]:
-    """Ray Data task: write one predictions file (+ its errors file); name from content."""
+def part_digest(sources: list[str], model_name: str, run_id: str) -> str:
+    """The ``<h>`` of a part file: its sources, the model and the run, so a retried task
+    (or the resumed run) rewrites the same file while another run never writes over a
+    committed one."""
+    return hashlib.sha1(("\n".join(sorted(sources)) + "|" + model_name + "|" + run_id).encode()).hexdigest()[:20]
+
+
+def write_part(batch: dict[str, Any], dst: str, model_name: str, run_id: str,
+               opts: storage.StorageOptions) -> dict[str, Any]:
+    """Ray Data task: write one predictions file ``part-<h>.parquet`` (+ its errors file
+    ``_errors/part-<h>.pq``); ``<h>`` from :func:`part_digest`."""
     storage.configure(opts)
     sources = [str(s) for s in batch["source"]]
-    digest = hashlib.sha1(("\n".join(sorted(sources)) + "|" + model_name).encode()).hexdigest()[:20]
-    name = f"part-{digest}.parquet"
+    digest = part_digest(sources, model_name, run_id)
+    name, error_name = f"part-{digest}.parquet", f"part-{digest}{PREDICT_SIDE_TABLE}"
     bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
     good = ~bad
     truth, label = np.asarray(batch["truth"]), np.asarray(batch["label"])
@@ -93,7 +106,7 @@ def write_part(batch: dict[str, Any], dst: str, model_name: str, opts: storage.S
         errors = pa.table({"source": [s for s, e in zip(sources, bad) if e],
                            "image_id": [str(i) for i in np.asarray(batch["image_id"])[bad]],
                            "error": [str(x) for x in np.asarray(batch["error"])[bad]]}, schema=ERROR_SCHEMA)
-        storage.write_table(storage.join(dst, ERRORS_DIR, name), errors)
+        storage.write_table(storage.join(dst, ERRORS_DIR, error_name), errors)
     if good.any():
         table = pa.table({
             "image_id": [str(x) for x in np.asarray(batch["image_id"])[good]],
@@ -105,8 +118,9 @@ def write_part(batch: dict[str, Any], dst: str, model_name: str, opts: storage.S
             "topk_scores": [list(map(float, x)) for x, g in zip(batch["topk_scores"], good) if g],
             "model": [str(x) for x in np.asarray(batch["model"])[good]],
             "run_id": [str(x) for x in np.asarray(batch["run_id"])[good]],
+            "topk_label_names": [list(map(str, x)) for x, g in zip(batch["topk_label_names"], good) if g],
         }, schema=PRED_SCHEMA)
         storage.write_table(storage.join(dst, name), table)
-    return {"file": [name if good.any() else ""], "error_file": [name if bad.any() else ""],
+    return {"file": [name if good.any() else ""], "error_file": [error_name if bad.any() else ""],
             "rows": [int(good.sum())], "errors": [int(bad.sum())],
             "correct": [int(np.sum((label == truth)[good]))], "labelled": [int(np.sum(truth[good] >= 0))]}

@@ -4,7 +4,7 @@
 time and only the columns it needs (``label_name`` and ``score``; ``error`` for error
 files), so memory stays flat for any output size. It writes the class distribution,
 score histogram and error reasons under ``DST/_report/`` (PNGs, ``report.json``,
-``report.html``).
+``report.html``); both name the first quarantined images (``_SUCCESS``'s ``bad_images``).
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def write_predict_report(dst: str) -> str:
         "mean_score_by_class": {c: mean[c] for c in classes if c in mean},
         "score_histogram": {"bins": tally.edges.tolist(), "counts": tally.hist.tolist()},
         "errors_by_reason": dict(sorted(tally.errors.items())),
+        "bad_images": success.get("bad_images", []),  # the first quarantined images: source, error
         "plots": plot_set.names,
     }
     plot_set.drop_stale(PREDICT_PLOTS)
@@ -149,6 +150,7 @@ def _page(success: dict[str, Any], report: dict[str, Any], tally: Tally, classes
                ["run id", success.get("run_id", "")], ["committed", success.get("committed", "")],
                ["rows", rows], ["undecodable images", tally.error_rows],
                ["part files", report["files"]], ["error files", report["error_files"]]]
+    summary += [[f"quarantined: {b.get('source', '')}", b.get("error", "")] for b in report["bad_images"]]
     if rows:
         summary.append(["mean score", sum(tally.score_sum.values()) / rows])
         summary.append(["share with score < 0.5", float(hist[: SCORE_BINS // 2].sum() / rows)])

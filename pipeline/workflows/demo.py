@@ -12,6 +12,7 @@ images and shards. ``--per-class N`` makes a smaller, quicker demo.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import sys
@@ -102,7 +103,9 @@ def run(workdir: str, cfg: Config, quiet: bool = False, per_class: int | None = 
     n_test = _write_test_listing(manifest, where.test_listing)
     _say(f"[6/6] batch inference with {version['ref']} over the {n_test} test PNG files "
          f"-> {where.predictions}", quiet)
-    pred = predict.run(version["ref"], where.test_listing, where.predictions, cfg, quiet=quiet)
+    # the demo owns its predictions folder: a rerun replaces the last run's predictions
+    own = dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, overwrite=True))
+    pred = predict.run(version["ref"], where.test_listing, where.predictions, own, quiet=quiet)
     if pred["rows"] + pred["errors"] != n_test:
         raise JobFailed(f"predictions hold {pred['rows']} rows + {pred['errors']} errors for {n_test} images")
 
