@@ -410,3 +410,61 @@ def show(registry_uri: str, ref: str) -> dict:
     return {**_read_version_meta(registry, name, version),
             "aliases": [CHAMPION] if version == champ else [],
             "ref": _ref(name, version), "uri": _version_uri(registry, name, version)}
+
+
+# ------------------------------------------------------------------- console
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def format_list(listing: dict[str, Any]) -> str:
+    """:func:`list_versions`'s result as a table for people (``--json`` gives the dict)."""
+    if "models" in listing:
+        if not listing["models"]:
+            return f"no models in {listing['registry']}"
+        rows = [[m["name"], str(m["versions"]), f"v{m['champion']}" if m["champion"] is not None else "-"]
+                for m in listing["models"]]
+        return f"registry {listing['registry']}\n" + _table(["NAME", "VERSIONS", "CHAMPION"], rows)
+    rows = []
+    for v in listing["versions"]:
+        metrics = v.get("metrics") or {}
+        gate_ = v.get("gate") or {}
+        decided = "-" if not gate_ else ("promoted" if gate_.get("promoted") else "kept champion")
+        rows.append([f"v{v['version']}", ",".join(v["aliases"]) or "-", _cell(metrics.get("holdout_accuracy")),
+                     _cell(metrics.get("best_val_accuracy", metrics.get("val_accuracy"))), decided,
+                     _cell(v.get("parent")), _cell(v.get("created"))])
+    head = f"{listing['name']} in {listing['registry']}"
+    return head + "\n" + _table(["VERSION", "ALIASES", "HOLDOUT_ACC", "VAL_ACC", "GATE", "PARENT", "CREATED"], rows)
+
+
+def format_show(meta: dict[str, Any]) -> str:
+    """:func:`show`'s result as ``key  value`` lines (config and classes summarised)."""
+    classes = meta.get("classes") or []
+    shown = {
+        "ref": meta.get("ref"), "aliases": ", ".join(meta.get("aliases") or []) or "-",
+        "uri": meta.get("uri"), "arch": meta.get("arch"),
+        "classes": f"{len(classes)}: {', '.join(map(str, classes[:10]))}{' ...' if len(classes) > 10 else ''}",
+        "image_size": meta.get("image_size"), "mean": meta.get("mean"), "std": meta.get("std"),
+        "pretrained": meta.get("pretrained"), "parent": meta.get("parent"), "source": meta.get("source"),
+        "created": meta.get("created"), "weights_sha256": meta.get("weights_sha256"),
+        "data_manifest_sha256": meta.get("data_manifest_sha256"),
+    }
+    for key, value in sorted((meta.get("metrics") or {}).items()):
+        shown[f"metrics.{key}"] = value
+    if meta.get("gate"):
+        shown["gate"] = meta["gate"].get("reason")
+    width = max(len(k) for k in shown)
+    lines = [f"{k.ljust(width)}  {_cell(v)}" for k, v in shown.items()]
+    return "\n".join(lines) + "\n(--json prints every field, the training config included)"

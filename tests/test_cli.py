@@ -54,8 +54,10 @@ def test_demo_per_class_is_a_user_option():
     assert r.returncode == 0 and "--per-class N" in r.stdout
 
 
-def test_models_list_prints_json(tmp_path):
+def test_models_list_prints_a_table_or_json(tmp_path):
     r = imgpipe("models", "list", "--registry", str(tmp_path))
+    assert r.returncode == 0 and r.stdout.strip() == f"no models in {tmp_path}"
+    r = imgpipe("models", "list", "--registry", str(tmp_path), "--json")
     assert r.returncode == 0
     assert json.loads(r.stdout.strip().splitlines()[-1])["models"] == []
 

@@ -310,11 +310,11 @@ def test_cli_models_commands(tmp_path, capsys):
     assert main(["models", "promote", "digits@v2", "--registry", reg]) == 0
     capsys.readouterr()
 
-    assert main(["models", "list", "digits", "--registry", reg]) == 0
+    assert main(["models", "list", "digits", "--registry", reg, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["champion"] == 2 and len(out["versions"]) == 2
 
-    assert main(["models", "show", "digits@champion", "--registry", reg]) == 0
+    assert main(["models", "show", "digits@champion", "--registry", reg, "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["version"] == 2
 
     assert main(["models", "rollback", "digits", "--registry", reg]) == 0
@@ -329,7 +329,7 @@ def test_cli_models_commands(tmp_path, capsys):
 def test_cli_models_list_on_s3(s3_bucket, capsys):
     reg = register_n(s3_bucket, 1)
     capsys.readouterr()
-    assert main(["models", "list", "--registry", reg]) == 0
+    assert main(["models", "list", "--registry", reg, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["models"] == [{"name": "digits", "versions": 1, "champion": None}]
     assert main(["models", "show", "digits@v9", "--registry", reg]) == 2

@@ -320,13 +320,13 @@ def test_successful_job_subprocess(head, tmp_path):
     env = _client_env(head.token)
     env["RAY_ADDRESS"] = "http://127.0.0.1:1"  # an explicit --address wins over the environment
     r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--address", head.address, "--wait",
-                        "--", "models", "list", "--registry", str(registry)],
+                        "--", "models", "list", "--registry", str(registry), "--json"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = _last_json(r.stdout)
     assert summary["status"] == "SUCCEEDED"
     assert summary["duplicate"] is False
-    assert summary["entrypoint"] == f"python -m pipeline models list --registry {registry}"
+    assert summary["entrypoint"] == f"python -m pipeline models list --registry {registry} --json"
     assert summary["address"] == head.address
     # the job ran this project's CLI on the cluster, and its logs were streamed to stderr
     expected = json.dumps({"models": [], "registry": str(registry)}, sort_keys=True)

@@ -150,13 +150,19 @@ def _source_table(sources: list[str], labels: list[str], sizes: list[int] | None
 def _list_image_folder(norm: str, src: str) -> pa.Table:
     sources, labels, sizes = [], [], []
     prefix_len = len(norm.rstrip("/")) + 1
+    top_level = 0  # images with no class folder
     for info in storage.iter_files(norm, IMAGE_SUFFIXES):
         rel = info.uri[prefix_len:]
         if "/" not in rel:
-            continue  # a file at the top level has no class folder
+            top_level += 1
+            continue
         sources.append(info.uri)
         labels.append(rel.split("/", 1)[0])
         sizes.append(info.size)
+    if not sources and top_level:
+        raise UserError(f"{src} holds {top_level} images but none in a class folder: images must be "
+                        f"in {src.rstrip('/')}/<class>/<image> (the folder name is the label), or "
+                        "listed in a CSV/Parquet file with uri,label columns")
     if not sources:
         raise UserError(f"no images found under {src} (expected <class>/<image> with suffix "
                         f"{', '.join(IMAGE_SUFFIXES)})")

@@ -192,8 +192,13 @@ def _retrain(cfg: Config, base: shardset.Manifest, date: str, incoming: str, ver
     if champ is not None:
         tcfg.model.pretrained = f"{name}@v{champ['version']}"
         tcfg.model.arch = champ["arch"]
-    _say(f"training on {version.rows('train')} images ({new_images} new), "
-         f"{'warm start from ' + tcfg.model.pretrained if champ else 'from scratch (no champion yet)'}", quiet)
+    if champ is not None:
+        start = f"warm start from the champion {tcfg.model.pretrained}"
+    elif tcfg.model.pretrained:
+        start = f"no champion yet: warm start from model.pretrained {tcfg.model.pretrained}"
+    else:
+        start = "no champion yet: from scratch (random initialisation)"
+    _say(f"training on {version.rows('train')} images ({new_images} new), {start}", quiet)
     trained = driver.run(tcfg, quiet=quiet)
 
     # 4. same holdout for both, then the gate
