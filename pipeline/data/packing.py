@@ -48,7 +48,7 @@ from pipeline.data.shardset import (
 )
 from pipeline.errors import JobFailed, UserError
 from pipeline.names import ERRORS_DIR, MANIFEST
-from pipeline.ops import lease, preflight
+from pipeline.ops import console, lease, preflight
 from pipeline.ops.runtime import READ_TASK_CPUS, ensure_ray
 from pipeline.ops.watchdog import Watchdog
 
@@ -161,22 +161,24 @@ def fetch(task: dict[str, Any], rows: range, cache: OriginCache) -> list[bytes |
 MISSING = "missing"  # the reason code of a listed object that does not exist
 
 
-def check_image(blob: bytes | Exception, max_pixels: int) -> tuple[bytes | None, str, str]:
-    """(bytes, image_id, error) of one image. Runs in a thread pool: Pillow's decoder
-    and hashlib release the GIL, so one task validates on several cores."""
+def check_image(blob: bytes | Exception, max_pixels: int, max_side: int = 0) -> tuple[bytes | None, str, str]:
+    """(bytes to store, image_id, error) of one image. Runs in a thread pool: Pillow's
+    decoder and hashlib release the GIL, so one task validates on several cores.
+    ``max_side`` > 0: an image longer than that is stored shrunk (:func:`images.shrink`);
+    its ``image_id`` stays the sha256 of the source's bytes, so copies are still found."""
     if isinstance(blob, storage.NotFound):
         return None, "", f"{MISSING}: {blob}"
     if isinstance(blob, Exception):  # Forbidden, retries exhausted, ...: fail the task
         raise blob
     image_id = hashlib.sha256(blob).hexdigest()
     try:
-        images.check(blob, max_pixels=max_pixels)
+        stored = images.shrink(blob, max_side, max_pixels=max_pixels)  # validates, as images.check
     except images.ImageError as e:
         return None, image_id, f"{e.reason}: {e}"
-    return blob, image_id, ""
+    return stored, image_id, ""
 
 
-def validate(task: dict[str, Any], max_pixels: int) -> ShardRows:
+def validate(task: dict[str, Any], max_pixels: int, max_side: int = 0) -> ShardRows:
     """Fetch and check every image of ``task``. Reads of batch k+1 overlap the
     validation of batch k (at most two batches held)."""
     out, cache = ShardRows(), OriginCache()
@@ -185,7 +187,7 @@ def validate(task: dict[str, Any], max_pixels: int) -> ShardRows:
         pending: list[tuple[int, Future]] = []
         for start in range(0, len(sources), READ_BATCH):
             rows = range(start, min(start + READ_BATCH, len(sources)))
-            checks = [(i, pool.submit(check_image, blob, max_pixels))
+            checks = [(i, pool.submit(check_image, blob, max_pixels, max_side))
                       for i, blob in zip(rows, fetch(task, rows, cache))]
             for i, fut in pending:
                 out.add(sources[i], labels[i], fut.result())
@@ -195,7 +197,8 @@ def validate(task: dict[str, Any], max_pixels: int) -> ShardRows:
     return out
 
 
-def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: int) -> dict[str, Any]:
+def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: int,
+                max_side: int = 0) -> dict[str, Any]:
     """Read, validate and write one shard (a Ray Data task). Reuses a shard already there.
 
     An exception is returned, not raised (``failed``: :func:`describe_failure`): Ray Data
@@ -203,20 +206,21 @@ def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: 
     (only a remote traceback and Ray's retry hint as text), log it at ERROR, and could
     retry it. Returned, it fails the job at once, as itself (:func:`raise_failure`)."""
     try:
-        return _write_shard(task, opts, max_pixels)
+        return _write_shard(task, opts, max_pixels, max_side)
     except Exception as e:  # noqa: BLE001 - handed to the driver, which raises it
         return {"split": task["split"], "index": task["index"], "path": shard_path(task["split"], task["index"]),
                 "rows": 0, "sha256": "", "bad": 0, "reasons": {}, "bytes": 0, "reused": False, "ids": b"",
                 "missing": "", "failed": describe_failure(e)}
 
 
-def _write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: int) -> dict[str, Any]:
+def _write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: int,
+                 max_side: int) -> dict[str, Any]:
     storage.configure(opts)
     dst, split, index = task["dst"], task["split"], task["index"]
     reused = _reuse(dst, split, index)
     if reused is not None:
         return reused
-    rows = validate(task, max_pixels)
+    rows = validate(task, max_pixels, max_side)
     if rows.bad["source"]:  # errors first: a shard present implies its errors file is too
         storage.write_table(storage.join(dst, error_path(split, index)), pa.table(rows.bad, schema=ERROR_SCHEMA))
     data = _write(dst, split, index, pa.table(rows.good, schema=SHARD_SCHEMA))
@@ -315,6 +319,8 @@ def check_args(cfg: Config) -> None:
                         f"got {d.shard_rows}")
     if d.shard_rows == 0 and not d.shard_mb > 0:
         raise UserError(f"data.shard_mb must be > 0 when --shard-rows is 0; got {d.shard_mb}")
+    if d.max_side < 0:
+        raise UserError(f"--max-side (data.max_side) must be >= 0 (0: store images as they are); got {d.max_side}")
 
 
 def settings(src: str, seed: int, cfg: Config) -> dict[str, Any]:
@@ -324,18 +330,22 @@ def settings(src: str, seed: int, cfg: Config) -> dict[str, Any]:
            "shard_rows": cfg.data.shard_rows}
     if cfg.data.shard_rows == 0:  # shards sized by bytes
         out["shard_mb"] = cfg.data.shard_mb
+    out["max_side"] = cfg.data.max_side
+    if cfg.data.max_side > 0:  # shrunk images are re-encoded at this quality
+        out["jpeg_quality"] = images.SHRINK_QUALITY
     return out
 
 
 def committed(src: str, dst: str, seed: int, cfg: Config, classes: list[str] | None) -> Manifest | None:
     """The manifest at ``dst`` if it is committed from the same source and settings; None if
     nothing is committed there; UserError naming both if it was packed differently.
-    (Keys an older manifest lacks are not compared.)"""
+    (Keys an older manifest lacks are not compared, but for ``max_side``: 0, as it packed.)"""
     if not is_dataset(dst):
         return None
     m = read_manifest(dst)
-    differs = [f"{k} {m.raw[k]!r} (committed) vs {v!r} (this run)"
-               for k, v in settings(src, seed, cfg).items() if k in m.raw and m.raw[k] != v]
+    recorded = {"max_side": 0, **m.raw}
+    differs = [f"{k} {recorded[k]!r} (committed) vs {v!r} (this run)"
+               for k, v in settings(src, seed, cfg).items() if k in recorded and recorded[k] != v]
     if classes is not None and list(classes) != m.classes:
         differs.append(f"classes {m.classes} (committed) vs {list(classes)} (this run)")
     if differs:
@@ -410,20 +420,18 @@ def run_tasks(p: PackPlan, dst: str, cfg: Config, quiet: bool, t0: float) -> lis
     ensure_ray(cfg, quiet=quiet)
     preflight.check(preflight.pack_request(cfg), "pack", cfg)
     ds = ray.data.from_items(p.tasks, override_num_blocks=max(1, len(p.tasks))).map(
-        write_shard, fn_kwargs={"opts": storage.default_options(), "max_pixels": images.MAX_PIXELS},
+        write_shard, fn_kwargs={"opts": storage.default_options(), "max_pixels": images.MAX_PIXELS,
+                                "max_side": cfg.data.max_side},
         num_cpus=max(READ_TASK_CPUS, 0.5))
-    results, done = [], 0
-    with Watchdog(f"pack into {dst}", dst, cfg.ray.stall_timeout_s) as dog:
+    results = []
+    with Watchdog(f"pack into {dst}", dst, cfg.ray.stall_timeout_s) as dog, \
+            console.bar(p.images, "pack", quiet) as progress:
         for r in ds.iter_rows():
             dog.beat()
             if r["failed"]:
                 raise_failure(r["failed"])  # stops the job: the other tasks are cancelled
             results.append(r)
-            done += r["rows"] + r["bad"]
-            if not quiet:
-                rate = done / max(time.time() - t0, 1e-6)
-                log.info("pack: %d/%d shards, %d/%d images, %.0f img/s, ETA %.0fs", len(results),
-                         len(p.tasks), done, p.images, rate, (p.images - done) / max(rate, 1e-6))
+            progress.update(r["rows"] + r["bad"])
     return results
 
 
@@ -537,8 +545,10 @@ def _pack(src: str, dst: str, cfg: Config, seed: int, quiet: bool, classes: list
           held: lease.Held) -> dict[str, Any]:
     """The pack run proper, under the lease ``held``."""
     p = plan(src, dst, cfg, seed, classes)
-    log.info("pack: %d images, %d classes -> %d shards (%d rows each) under %s",
-             p.images, len(p.classes), len(p.tasks), p.rows_per_shard, dst)
+    per_split = {sp: sum(len(t["sources"]) for t in p.tasks if t["split"] == sp) for sp in SPLITS}
+    log.info("pack: %d images, %d classes -> %d shards of at most %d rows (%s) under %s",
+             p.images, len(p.classes), len(p.tasks), p.rows_per_shard,
+             ", ".join(f"{sp} {n}" for sp, n in per_split.items()), dst)
     results = run_tasks(p, dst, cfg, quiet, t0)
     bad, reasons = tally(results, p.images, src, dst, cfg)
     results.sort(key=lambda r: (SPLITS.index(r["split"]), r["index"]))
@@ -548,7 +558,7 @@ def _pack(src: str, dst: str, cfg: Config, seed: int, quiet: bool, classes: list
         "classes": p.classes,
         "splits": {s: [{"path": r["path"], "rows": r["rows"], "sha256": r["sha256"]}
                        for r in results if r["split"] == s] for s in SPLITS},
-        **settings(src, seed, cfg),  # source, seed, fractions, shard_rows (shard_mb): compared on rerun
+        **settings(src, seed, cfg),  # source, seed, fractions, shard_rows, max_side, ...: compared on rerun
         "rows_per_shard": p.rows_per_shard,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bad_images": bad,

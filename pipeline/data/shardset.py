@@ -2,7 +2,8 @@
 
 Layout (written by :mod:`pipeline.data.packing`, described in ``docs/formats.md``)::
 
-    DST/<split>/part-NNNNN.parquet   image_id (sha256 of bytes), image (encoded bytes),
+    DST/<split>/part-NNNNN.parquet   image_id (sha256 of the source's bytes), image (encoded
+                                     bytes: the source's, or shrunk by ``pack --max-side``),
                                      label int32, source (original URI)
     DST/_errors/<split>-part-NNNNN.parquet   source, image_id, error  (quarantined images)
     DST/manifest.json                written last: its presence commits the dataset
@@ -42,6 +43,11 @@ class Manifest:
     splits: dict[str, list[dict[str, Any]]]  # split -> [{"path", "rows", "sha256"}]
     raw: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""  # of manifest.json's bytes: identifies this dataset version
+
+    @property
+    def max_side(self) -> int:
+        """``pack --max-side``: px on the long side images were shrunk to (0: stored as listed)."""
+        return int(self.raw.get("max_side", 0))
 
     def rows(self, split: str) -> int:
         return sum(s["rows"] for s in self.splits.get(split, []))
