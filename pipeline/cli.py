@@ -36,19 +36,55 @@ def _add_summary_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary", metavar="FILE", help="also write the summary JSON to FILE")
 
 
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    """``--quiet``/``--verbose`` after the subcommand too (SUPPRESS: an absent flag keeps
+    the value given before the subcommand)."""
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's own logs and its C++ warnings, and tracebacks of failures")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress output; only the summary line")
+
+
+def _add_register_flags(p: argparse.ArgumentParser) -> None:
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--gate", dest="register_mode", action="store_const", const="gate",
+                     help="promote only if it beats the champion on the same holdout by "
+                          "registry.min_improvement (the default of train --register)")
+    how.add_argument("--promote", dest="register_mode", action="store_const", const="promote",
+                     help="make it the champion whatever its score")
+
+
 def _add_models_actions(p: argparse.ArgumentParser) -> None:
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    m = msub.add_parser("list", help="versions of a model (or all models)")
-    m.add_argument("name", nargs="?")
-    m = msub.add_parser("show", help="one version's metadata")
-    m.add_argument("ref", metavar="NAME@vN|NAME@champion")
+    m = msub.add_parser("list", help="versions of a model (or all models)",
+                        description="A table of the registry's models, or of one model's versions.")
+    m.add_argument("name", nargs="?", metavar="NAME", help="a model name (default: every model)")
+    m.add_argument("--json", action="store_true", help="print the listing as one JSON object")
+    m = msub.add_parser("show", help="one version's metadata",
+                        description="One version's metadata: arch, classes, metrics, gate decision, sha256.")
+    m.add_argument("ref", metavar="NAME@vN|NAME@champion", help="the version to show")
+    m.add_argument("--json", action="store_true", help="print the whole meta.json (config included) as JSON")
+    m = msub.add_parser("register", help="register a checkpoint or a run's best checkpoint as NAME@vN",
+                        description="Copy a checkpoint's weights and meta (with their sha256) into the "
+                                    "registry as the next version of NAME; with --gate or --promote it "
+                                    "may become the champion. Registering the same checkpoint again "
+                                    "returns the version it already is.")
+    m.add_argument("model", metavar="MODEL",
+                   help="a checkpoint folder (weights.pt + meta.json) or a training run folder "
+                        "(train.storage/<run>: its best checkpoint by val accuracy)")
+    m.add_argument("--name", required=True, help="model name in the registry, e.g. photos")
+    _add_register_flags(m)
+    m.add_argument("--data", metavar="MANIFEST",
+                   help="--gate's holdout: the test split of this packed dataset (default: "
+                        "data.manifest, else the dataset the model was trained on)")
     m = msub.add_parser("promote", help="make a version the champion")
-    m.add_argument("ref", metavar="NAME@vN")
+    m.add_argument("ref", metavar="NAME@vN", help="the version to promote")
     m = msub.add_parser("rollback", help="restore the previous champion")
-    m.add_argument("name")
+    m.add_argument("name", metavar="NAME", help="the model whose previous champion comes back")
     for m in msub.choices.values():
         m.add_argument("--registry", help="registry URI (default: registry.uri of the config)")
         _add_config_flags(m)
+        _add_output_flags(m)
 
 
 def _add_submit_flags(p: argparse.ArgumentParser) -> None:
@@ -59,7 +95,43 @@ def _add_submit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-s", type=float, default=120.0, metavar="S",
                    help="retry a job server that is still starting (HTTP 5xx, dropped connections) for up "
                         "to S seconds until the job is accepted (default: %(default)s; 0: no retries)")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS...")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS...",
+                   help="the imgpipe command to run on the cluster, with its arguments")
+
+
+def _add_setup_commands(sub: Any) -> None:
+    """``init`` and ``config show``: starting a config file, reading every key."""
+    p = sub.add_parser("init", help="write a complete, commented config file for a preset",
+                       description="Write a config file holding every key with its comment, set up "
+                                   "for the preset. photos: fine-tune an ImageNet-pretrained "
+                                   "EfficientNet-Lite0 at 224 px; digits: a small CNN at 32 px.")
+    p.add_argument("file", nargs="?", metavar="FILE", help="where to write it (default: PRESET.yaml)")
+    p.add_argument("--preset", required=True, choices=sorted(config.PRESETS), help="what the config is for")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+
+    p = sub.add_parser("config", help="every config key with its default and comment")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    c = csub.add_parser("show", help="print the config as commented YAML",
+                        description="Print every config key with its value and comment, as YAML that "
+                                    "loads as a config file. Values differing from the defaults say the "
+                                    "default.")
+    c.add_argument("--defaults", action="store_true", help="the built-in defaults, ignoring --config/--set")
+    _add_config_flags(c)
+    _add_output_flags(c)
+
+
+def _add_train_command(sub: Any) -> None:
+    p = sub.add_parser("train", help="Ray Train run; prints final metrics as JSON",
+                       description="Train on data.manifest with Ray Train; rerun with the same "
+                                   "train.run_name to resume. Every config key: imgpipe config show "
+                                   "--defaults; a starting file: imgpipe init --preset photos.")
+    _add_config_flags(p, positional=True)
+    _add_summary_flag(p)
+    p.add_argument("--register", action="store_true",
+                   help="register the best checkpoint as registry.name@vN at the end, through the gate")
+    p.add_argument("--name", default=None, help="with --register: model name (default: registry.name)")
+    p.add_argument("--promote", dest="register_mode", action="store_const", const="promote", default="gate",
+                   help="with --register: make it the champion whatever its score")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,9 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imgpipe",
         description="Image classification at cluster scale on Ray: pack, train, evaluate, predict, registry.",
     )
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own INFO logs")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs and its C++ warnings, and tracebacks of failures")
     parser.add_argument("--quiet", action="store_true", help="no progress output; only the summary line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_setup_commands(sub)
 
     p = sub.add_parser("demo", help="whole cycle on scikit-learn's digits, on a local Ray instance")
     p.add_argument("--workdir", default="imgpipe-demo", help="folder for the bucket, runs, registry (default: %(default)s)")
@@ -81,23 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
 
     p = sub.add_parser("pack", help="list SRC (ImageFolder prefix, CSV/Parquet listing, or shard set) into Parquet shards")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
+    p.add_argument("src", metavar="SRC",
+                   help="images in class folders (PREFIX/<class>/<image>, local or s3://), a CSV or "
+                        "Parquet listing with uri,label columns, or an existing shard set to re-split")
+    p.add_argument("dst", metavar="DST", help="where the shard set goes (a folder or s3:// prefix)")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: by data.shard_mb)")
     p.add_argument("--val", type=float, default=None, help="validation fraction per class (default 0.15)")
     p.add_argument("--test", type=float, default=None, help="test fraction per class (default 0.15)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    p.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help="store images longer than N px downscaled to N on the long side, re-encoded "
+                        "as JPEG quality 90 (default: data.max_side, 0 = as they are)")
     _add_summary_flag(p)
     _add_config_flags(p)
 
-    p = sub.add_parser("train", help="Ray Train run; prints final metrics as JSON")
-    _add_config_flags(p, positional=True)
-    _add_summary_flag(p)
+    _add_train_command(sub)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a model on a split")
     p.add_argument("--model", required=True, metavar="MODEL", help="NAME@champion, NAME@vN or a checkpoint URI")
     p.add_argument("--data", required=True, metavar="MANIFEST", help="packed dataset (folder of manifest.json)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split of the dataset to score (default: %(default)s)")
     _add_summary_flag(p)
     _add_config_flags(p)
 
@@ -109,17 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-file", type=int, default=None, help="target rows per output file")
     p.add_argument("--skip-existing", action="store_true", default=None,
                    help="score only images not yet scored by this model version in DST")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace DST's committed predictions of another model or top-k (else exit 2)")
     _add_summary_flag(p)
     _add_config_flags(p)
 
-    _add_models_actions(sub.add_parser("models", help="the model registry: list, show, promote, rollback"))
+    _add_models_actions(sub.add_parser("models", help="the model registry: list, show, register, promote, rollback"))
 
     p = sub.add_parser("retrain", help="nightly retraining: new data, warm start, gate, promote, re-score")
     _add_config_flags(p, positional=True)
-    p.add_argument("--date", required=True, metavar="YYYY-MM-DD")
+    p.add_argument("--date", required=True, metavar="YYYY-MM-DD",
+                   help="the night to train: reads data.incoming/dt=YYYY-MM-DD/")
     _add_summary_flag(p)
 
     _add_submit_flags(sub.add_parser("submit", help="run an imgpipe command as a Ray job on a cluster"))
+    for name, p in sub.choices.items():
+        if name not in ("models", "config"):  # their actions carry the flags
+            _add_output_flags(p)
     return parser
 
 
@@ -133,9 +217,15 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None) -> config.
     overrides = [*getattr(args, "overrides", []), *(extra or [])]
     if args.verbose:
         overrides.append("ray.verbose=true")
-    cfg = config.load(getattr(args, "config", None), overrides)
+    cfg = config.load(getattr(args, "config", None), overrides, weights_norm=_weights_norm)
     storage.configure(config.storage_options(cfg))
     return cfg
+
+
+def _weights_norm(spec: str) -> tuple[list[float], list[float]] | None:
+    from pipeline.workflows import presets  # deferred: torchvision, for model.pretrained only
+
+    return presets.weights_normalization(spec)
 
 
 def _flag_overrides(args: argparse.Namespace, **keys: str) -> list[str]:
@@ -157,14 +247,24 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_pack(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.data import packing  # deferred: imports Ray Data
 
-    extra = _flag_overrides(args, shard_rows="data.shard_rows", val="data.val_fraction", test="data.test_fraction")
+    extra = _flag_overrides(args, shard_rows="data.shard_rows", val="data.val_fraction", test="data.test_fraction",
+                            max_side="data.max_side")
     return packing.pack(args.src, args.dst, _config(args, extra), seed=args.seed, quiet=args.quiet)
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.training import driver  # deferred: imports torch and Ray Train
 
-    return driver.run(_config(args), quiet=args.quiet)
+    cfg = _config(args)
+    trained = driver.run(cfg, quiet=args.quiet)
+    if not args.register:
+        return trained
+    from pipeline.workflows import register  # deferred: evaluates with torch + Ray
+
+    name = args.name or cfg.registry.name
+    reg = register.register(cfg, trained["best_checkpoint_uri"], name, args.register_mode,
+                            holdout_accuracy=trained["test_accuracy"], data=cfg.data.manifest, quiet=args.quiet)
+    return {**trained, "registered": reg}
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,7 +277,7 @@ def _cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.inference import predict  # deferred: imports torch and Ray Data
 
     extra = _flag_overrides(args, topk="predict.topk", rows_per_file="predict.rows_per_file",
-                            skip_existing="predict.skip_existing")
+                            skip_existing="predict.skip_existing", overwrite="predict.overwrite")
     return predict.run(args.model, args.input, args.output, _config(args, extra), quiet=args.quiet)
 
 
@@ -186,10 +286,19 @@ def _cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = _config(args)  # also points storage at the config's endpoint
     uri = args.registry or cfg.registry.uri
-    if args.models_command == "list":
-        return registry.list_versions(uri, args.name)
-    if args.models_command == "show":
-        return registry.show(uri, args.ref)
+    if args.models_command in ("list", "show"):
+        result = registry.list_versions(uri, args.name) if args.models_command == "list" else registry.show(uri, args.ref)
+        if args.json:
+            return result
+        table = registry.format_list(result) if args.models_command == "list" else registry.format_show(result)
+        print(storage.redact(table), flush=True)
+        return None
+    if args.models_command == "register":
+        from pipeline.workflows import register  # deferred: evaluates with torch + Ray
+
+        cfg.registry.uri = uri
+        return register.register(cfg, args.model, args.name, args.register_mode or "none", data=args.data,
+                                 quiet=args.quiet)
     if args.models_command == "promote":
         return registry.promote(uri, args.ref)
     return registry.rollback(uri, args.name)
@@ -199,6 +308,26 @@ def _cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.workflows import retrain  # deferred: trains with torch + Ray (slow to import)
 
     return retrain.run(_config(args), args.date, quiet=args.quiet)
+
+
+def _cmd_init(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.workflows import presets  # deferred: imports torchvision
+
+    written = presets.write(args.preset, args.file, force=args.force)
+    if not args.quiet:
+        print(f"init: wrote {written['config']} (preset {args.preset}); next: imgpipe pack SRC DST, set "
+              f"data.manifest to DST, then imgpipe train {args.file or args.preset + '.yaml'}",
+              file=sys.stderr, flush=True)
+    return written
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    if args.defaults:
+        text = config.render(header="imgpipe config: every key with its built-in default")
+    else:
+        text = config.render(_config(args), header="imgpipe config: every key, as loaded from "
+                             f"{args.config or 'the defaults'} with --set overrides applied")
+    print(text, end="", flush=True)
 
 
 def _cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,6 +341,7 @@ def _cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
 HANDLERS = {
     "demo": _cmd_demo, "pack": _cmd_pack, "train": _cmd_train, "evaluate": _cmd_evaluate,
     "predict": _cmd_predict, "models": _cmd_models, "retrain": _cmd_retrain, "submit": _cmd_submit,
+    "init": _cmd_init, "config": _cmd_config,
 }
 
 
@@ -227,8 +357,11 @@ def _emit(result: Any, summary_path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    # imgpipe's own INFO lines; libraries' (matplotlib's "generated new fontManager", Ray's)
+    # only with --verbose
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if not args.verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:

