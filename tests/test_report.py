@@ -218,7 +218,7 @@ def _pred_table(names: list[str], scores: list[float]) -> pa.Table:
         "label": pa.array([CLASSES.index(x) if x in CLASSES else 9 for x in names], pa.int32()),
         "label_name": names, "score": pa.array(scores, pa.float32()),
         "topk_labels": [[0]] * n, "topk_scores": [[s] for s in scores],
-        "model": ["m@v1"] * n, "run_id": ["r1"] * n}, schema=PRED_SCHEMA)
+        "model": ["m@v1"] * n, "run_id": ["r1"] * n, "topk_label_names": [[CLASSES[0]]] * n}, schema=PRED_SCHEMA)
 
 
 def _write_pq(uri: str, table: pa.Table) -> None:
