@@ -115,9 +115,12 @@ def _read_slot(batch: pa.Table, uris: list[str], shas: list[str], offsets: list[
             .append_column("epoch", pa.array(np.full(len(take), s.epoch, dtype=np.int64))))
 
 
-def _one_row_blocks(table: pa.Table) -> ray.data.Dataset:
-    """A dataset with one block per row of ``table`` (one read task each)."""
-    return ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)])
+def _one_row_blocks(rows: list[dict[str, Any]]) -> ray.data.Dataset:
+    """A dataset with one block per row (one read task each), built in this process:
+    ``ray.data.from_arrow`` computes each block's metadata in a 1-CPU task, which never
+    runs inside a training worker when the trainers hold all but a fraction of a CPU
+    (``augment.device: worker`` on 2 CPUs hung there)."""
+    return ray.data.from_items(rows, override_num_blocks=len(rows))
 
 
 def _raise_readers_errors(ds: ray.data.Dataset) -> None:
@@ -139,7 +142,7 @@ def read_split(manifest: Manifest, split: str, columns: list[str] | None = None)
     if not uris:
         raise UserError(f"split '{split}' of {manifest.root} is empty")
     shas = [s["sha256"] for s in manifest.splits[split]]
-    ds = _one_row_blocks(pa.table({"slot": list(range(len(uris)))}))
+    ds = _one_row_blocks([{"slot": i} for i in range(len(uris))])
     _raise_readers_errors(ds)
     return ds.map_batches(_read_shard_batch, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
                           fn_kwargs={"uris": uris, "shas": shas, "columns": columns,
@@ -162,7 +165,7 @@ def train_stream(manifest: Manifest, seed: int, rank: int, world: int, first_epo
     slots = [s for s in slots if not (s["epoch"] == first_epoch and s["pos"] + s["stop"] - s["start"] <= skip)]
     if not slots:
         return ray.data.from_items([])
-    ds = _one_row_blocks(pa.Table.from_pylist(slots))
+    ds = _one_row_blocks(slots)
     _raise_readers_errors(ds)
     return ds.map_batches(_read_slot, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
                           fn_kwargs={"uris": manifest.shard_uris("train"), "shas": [s["sha256"] for s in split],
