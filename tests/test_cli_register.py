@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from pipeline import storage
@@ -20,6 +21,7 @@ def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # trains a run and starts Ray in two CLI processes: minutes on 2 cores
 def test_train_register_then_models_register(packed, tmp_path, capsys):
     reg, runs = str(tmp_path / "registry"), str(tmp_path / "runs")
     cfg = tmp_path / "train.yaml"

@@ -127,6 +127,7 @@ def test_live_predict_refuses_a_second_both_orders(trained, digits_dir, tmp_path
     assert not (other / "_SUCCESS").exists()
 
 
+@pytest.mark.slow  # three predict runs, one killed mid-way
 def test_killed_overwrite_keeps_the_old_commit_then_resumes(trained, digits_dir, tmp_path):
     """An --overwrite run killed mid-way: readers of _SUCCESS still get the old model's
     complete set; the rerun waits for the lease to expire, then resumes and replaces."""
