@@ -18,9 +18,10 @@ def _png(seed=0, size=(8, 8)):
     return buf.getvalue()
 
 
-def _batch(n=4):
+def _batch(n=4, epoch=0):
     return {"image": np.array([_png(i) for i in range(n)], dtype=object), "label": np.arange(n),
-            "image_id": np.array([f"id{i}" for i in range(n)], dtype=object)}
+            "image_id": np.array([f"id{i}" for i in range(n)], dtype=object),
+            "epoch": np.full(n, epoch, dtype=np.int64)}
 
 
 def test_train_actor_is_reproducible_and_varies_by_epoch():
@@ -32,6 +33,7 @@ def test_train_actor_is_reproducible_and_varies_by_epoch():
     assert np.array_equal(out_a["image"], out_b["image"])  # same (seed, epoch, id) -> same pixels
     c = augment.AugmentBatch(cfg, 32, seed=2)
     assert not np.array_equal(out_a["image"], c(_batch())["image"])
+    assert not np.array_equal(out_a["image"], a(_batch(epoch=1))["image"])  # the row's epoch seeds it
     assert augment.sample_seed(1, 0, "id0") != augment.sample_seed(1, 1, "id0")
 
 
