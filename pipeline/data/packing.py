@@ -20,14 +20,12 @@ itself, at once and never retried (:func:`write_shard`, :func:`raise_failure`).
 from __future__ import annotations
 
 import hashlib
-import importlib
-import json
 import logging
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +47,10 @@ from pipeline.data.shardset import (
 from pipeline.errors import JobFailed, UserError
 from pipeline.names import ERRORS_DIR, MANIFEST
 from pipeline.ops import console, lease, preflight
+from pipeline.ops.failures import (
+    describe as describe_failure,  # a task's exception, returned as data
+)
+from pipeline.ops.failures import reraise as raise_failure  # ... and raised on the driver as itself
 from pipeline.ops.runtime import READ_TASK_CPUS, ensure_ray
 from pipeline.ops.watchdog import Watchdog
 
@@ -257,28 +259,6 @@ def _result(split: str, index: int, data: bytes, ids: list[str], bad_sources: li
             "sha256": hashlib.sha256(data).hexdigest(), "bad": len(errors), "reasons": _reasons(errors),
             "bytes": len(data), "reused": reused, "ids": id_keys(ids), "missing": "\n".join(missing),
             "failed": ""}
-
-
-def describe_failure(e: Exception) -> str:
-    """An exception as JSON text (its class's qualified name and message) for the driver."""
-    return json.dumps({"type": f"{type(e).__module__}.{type(e).__qualname__}", "message": str(e)})
-
-
-def raise_failure(described: str) -> NoReturn:
-    """Raise what :func:`describe_failure` described: the same class for pipeline's
-    ``UserError`` / ``JobFailed`` types (exit 2 / 1 with their one line), else
-    ``JobFailed`` naming the type (exit 1)."""
-    d = json.loads(described)
-    module, _, name = d["type"].rpartition(".")
-    cls: Any = None
-    if module.split(".")[0] == "pipeline":  # only our own error types are re-created by name
-        try:
-            cls = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            cls = None
-    if isinstance(cls, type) and issubclass(cls, (UserError, JobFailed)):
-        raise cls(d["message"])
-    raise JobFailed(f"{name}: {d['message']}")
 
 
 def id_keys(ids: list[str]) -> bytes:
