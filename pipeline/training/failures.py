@@ -16,42 +16,39 @@ same way every time, so the driver does not restart workers for it.
 
 from __future__ import annotations
 
-from ray.exceptions import RayError, RayTaskError
 from ray.train import ControllerError, WorkerGroupError
 
 from pipeline.errors import JobFailed, UserError
+from pipeline.ops import failures as ray_failures
+from pipeline.ops.failures import first_line
 
 MAX_DEPTH = 16  # wrappers unwrapped at most (a guard against cycles)
 
+__all__ = ["as_error", "cause", "first_line", "retryable"]
+
 
 def _inner(e: BaseException) -> BaseException | None:
-    """The exception one wrapper stands for, or None when ``e`` is not a wrapper."""
+    """The exception one Ray Train wrapper stands for, or None when ``e`` is not one
+    (Ray Core's and Ray Data's wrappers: :func:`pipeline.ops.failures.cause`)."""
     if isinstance(e, WorkerGroupError):
         failures = [cause(f) for _, f in sorted(e.worker_failures.items())]
         # every rank may fail, most of them because another one did: bad input explains the rest
         return next((f for f in failures if isinstance(f, UserError)), failures[0] if failures else None)
     if isinstance(e, ControllerError):
         return e.controller_failure
-    if isinstance(e, RayTaskError):
-        return e.cause
-    if isinstance(e, RayError) and not isinstance(e, (UserError, JobFailed)):
-        return e.__cause__  # e.g. Ray Data's UserCodeException, raised in this process
     return None
 
 
 def cause(e: BaseException) -> BaseException:
-    """The original exception inside Ray's wrappers (``e`` itself when it is none)."""
+    """The original exception inside Ray Train's and Ray's wrappers (``e`` itself when
+    it is none)."""
     for _ in range(MAX_DEPTH):
+        e = ray_failures.cause(e)
         inner = _inner(e)
         if inner is None or inner is e:
             break
         e = inner
     return e
-
-
-def first_line(e: BaseException) -> str:
-    """The first non-empty line of ``e``'s message ('' if none)."""
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
 
 
 def retryable(e: BaseException) -> bool:
