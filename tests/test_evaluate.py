@@ -36,3 +36,11 @@ def test_confusion_metrics():
     cm = evaluate.confusion_matrix(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2)
     m = evaluate.metrics_from_confusion(cm, ["a", "b"])
     assert cm.tolist() == [[1, 1], [0, 2]] and m["accuracy"] == 0.75 and m["per_class_accuracy"] == {"a": 0.5, "b": 1.0}
+
+
+def test_val_accuracy_booked_in_training_is_the_checkpoints(trained, packed):
+    """Training scores val on both ranks (each its share, sums all-reduced); the figure
+    it books for the best checkpoint is what evaluating that checkpoint on val gives."""
+    out = evaluate.run(trained["best_checkpoint_uri"], packed, "val", small_config(), quiet=True)
+    assert out["images"] == shardset.read_manifest(packed).rows("val")
+    assert out["accuracy"] == trained["best_val_accuracy"]

@@ -33,12 +33,13 @@ def test_more_workers_than_cpus_fail_naming_the_keys(ray_local, monkeypatch):
     monkeypatch.delenv("IMGPIPE_AUTOSCALING", raising=False)
     cfg = small_config(train={"num_workers": 8, "cpus_per_worker": 1.0})
     req = preflight.train_request(cfg, _cpus(ray_local))
-    assert req.cpu == pytest.approx(8 + 1 + 0.5)
+    # 8 workers, and each rank's stream at its floor: an actor of 0.01 CPU, 0.2 CPU of reads
+    assert req.cpu == pytest.approx(8 * 1 + 8 * 0.01 + 8 * 0.2)
     with pytest.raises(UserError) as e:
         preflight.check(req, "train", cfg)
     msg = str(e.value)
     assert "train.num_workers=8 x train.cpus_per_worker=1" in msg and "augment.actors=1" in msg, msg
-    assert "needs 9.5 CPUs; the cluster has 2 CPUs" in msg, msg
+    assert "needs 9.68 CPUs; the cluster has 2 CPUs" in msg, msg
 
 
 def test_one_worker_bigger_than_any_node_is_named(ray_local):
@@ -58,7 +59,16 @@ def test_default_train_predict_and_pack_pass(ray_local, monkeypatch):
         assert req.cpu <= cpus and req.gpu == 0, (what, req.lines)
         preflight.check(req, what, cfg)
     req = preflight.train_request(cfg, cpus)
-    assert req.lines[0].startswith("2 training workers x ") and "1 augment actor x 1 CPU" in req.lines
+    assert req.lines[0].startswith("2 training workers x ")
+    assert req.lines[1].startswith("2 augment actors x ")  # one per rank's stream
+    assert req.lines[2].startswith("2 read shares x ")
+
+
+def test_workers_that_leave_ray_data_nothing_fail(ray_local, monkeypatch):
+    monkeypatch.delenv("IMGPIPE_AUTOSCALING", raising=False)
+    cfg = small_config(train={"cpus_per_worker": 1.0})
+    with pytest.raises(UserError, match=r"train\.num_workers=2 x train\.cpus_per_worker=1"):
+        preflight.check(preflight.train_request(cfg, _cpus(ray_local)), "train", cfg)
 
 
 def test_predict_gpu_and_too_many_decode_actors_fail(ray_local, monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +225,23 @@ class ModelActor:
                 "topk_label_names": [[self.classes[i] for i in row] for row in top_l],
                 "truth_score": truth_s, "model": np.array([self.scorer.name] * n, dtype=object),
                 "run_id": np.array([self.spec.run_id] * n, dtype=object), "error": batch["error"]}
+
+
+def score_here(batches: Iterable[dict[str, np.ndarray]], scorer: Scorer, spec: ModelSpec) -> Iterator[dict[str, Any]]:
+    """The same stages run in this process, batch by batch: for a split so small that
+    starting the actor pools (each a process importing torch: seconds of CPU) would cost
+    more than scoring it (see :data:`HERE_MAX_PIXELS`). Torch's thread count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        decode = None if spec.gpu_decode else DecodeActor(scorer.eval_augment, scorer.image_size)
+        model = ModelActor(scorer, dataclasses.replace(spec, threads=threads), storage.default_options())
+        for batch in batches:
+            yield model(batch if decode is None else decode(batch))
+    finally:
+        torch.set_num_threads(threads)
+
+
+HERE_MAX_PIXELS = 4096 * 32 * 32  # input px of a split scored in the driver (score_here) on CPU
 
 
 def score(ds: ray.data.Dataset, scorer: Scorer, spec: ModelSpec, cfg: Config,

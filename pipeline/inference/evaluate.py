@@ -3,7 +3,9 @@ and, on request, the per-image results (so a report never scores again).
 
 Runs the one inference path (read tasks of :mod:`pipeline.inference.tasks` -> decode
 actors -> model actors of :mod:`pipeline.inference.actors`) over the split's verified
-shards, and reduces on the driver.
+shards, and reduces on the driver. A small split on CPU (at most
+:data:`pipeline.inference.actors.HERE_MAX_PIXELS` input pixels, e.g. 4,096 images at
+32 px) runs the same stages in the driver instead: no Ray, no actor start.
 
 Per-image results (``predictions_uri``): one Parquet file of :data:`RESULT_SCHEMA`,
 one row per image scored: ``label`` the true class, ``predicted`` the model's,
@@ -12,12 +14,13 @@ one row per image scored: ``label`` the true class, ``predicted`` the model's,
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray.data
 
 from pipeline import storage
 from pipeline.config import Config
@@ -53,12 +56,11 @@ def _split(data: str, split: str, scorer: actors.Scorer) -> shardset.Manifest:
     return manifest
 
 
-def _collect(ds: ray.data.Dataset) -> tuple[pa.Table, int]:
+def _collect(batches: Iterable[dict[str, Any]]) -> tuple[pa.Table, int]:
     """Scored rows -> (per-image results of the images scored, images that failed)."""
     parts: list[pa.Table] = []
     errors = 0
-    columns = ["image_id", "source", "truth", "label", "score", "truth_score", "error"]
-    for b in ds.select_columns(columns).iter_batches(batch_format="numpy"):
+    for b in batches:
         ok = np.array([not e for e in b["error"]], dtype=bool)
         errors += int((~ok).sum())
         parts.append(pa.table({
@@ -69,6 +71,30 @@ def _collect(ds: ray.data.Dataset) -> tuple[pa.Table, int]:
     return (pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()), errors
 
 
+def _rows_here(manifest: shardset.Manifest, split: str) -> Iterator[dict[str, Any]]:
+    """The split's input rows (as :func:`pipeline.inference.tasks.read_split` makes
+    them), read in this process from the verified shards."""
+    for t in shardset.iter_split(manifest, split, columns=["image_id", "image", "label", "source"]):
+        for i in range(0, t.num_rows, tasks.READ_BATCH):
+            part = t.slice(i, tasks.READ_BATCH)
+            yield tasks.shard_rows({c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names})
+
+
+def _scored(manifest: shardset.Manifest, split: str, scorer: actors.Scorer, cfg: Config,
+            quiet: bool) -> Iterator[dict[str, Any]]:
+    """Scored rows of the split: in this process when it is small and the model runs on
+    CPU (no actor pools to start), else through the Ray Data stages."""
+    spec = actors.ModelSpec(run_id="evaluate", topk=1, batch_size=cfg.predict.batch_size, threads=1,
+                            gpu_decode=cfg.predict.gpu_decode)
+    if cfg.predict.num_gpus == 0 and manifest.rows(split) * scorer.image_size**2 <= actors.HERE_MAX_PIXELS:
+        return actors.score_here(_rows_here(manifest, split), scorer, spec)
+    res = actors.start(cfg, scorer, "evaluate", quiet)
+    ds = actors.score(tasks.read_split(manifest, split), scorer, dataclasses.replace(spec, threads=res.model_threads),
+                      cfg, res)
+    return ds.select_columns(["image_id", "source", "truth", "label", "score", "truth_score", "error"]).iter_batches(
+        batch_format="numpy")
+
+
 def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False,
         predictions_uri: str | None = None) -> dict[str, Any]:
     """``imgpipe evaluate``: score ``split`` of dataset ``data`` with ``model_ref``; with
@@ -76,11 +102,8 @@ def run(model_ref: str, data: str, split: str, cfg: Config, quiet: bool = False,
     t0 = time.time()
     scorer = actors.load_scorer(model_ref, cfg)
     manifest = _split(data, split, scorer)
-    res = actors.start(cfg, scorer, "evaluate", quiet)
-    spec = actors.ModelSpec(run_id="evaluate", topk=1, batch_size=cfg.predict.batch_size,
-                            threads=res.model_threads, gpu_decode=cfg.predict.gpu_decode)
     try:
-        table, errors = _collect(actors.score(tasks.read_split(manifest, split), scorer, spec, cfg, res))
+        table, errors = _collect(_scored(manifest, split, scorer, cfg, quiet))
     except Exception as e:  # noqa: BLE001 - Ray's wrappers -> the cause, as UserError / JobFailed
         raise failures.as_error(e, f"evaluate {scorer.name} on {manifest.root}:{split}") from e
     cm = confusion_matrix(table.column("label").to_numpy(), table.column("predicted").to_numpy(),

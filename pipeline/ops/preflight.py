@@ -36,9 +36,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.ops.runtime import (
-    AUGMENT_ACTOR_CPUS,
-    EVAL_TASK_CPUS,
     READ_TASK_CPUS,
+    augment_pool,
     cluster_address,
     describe_cluster,
     predict_resources,
@@ -117,14 +116,19 @@ def train_request(cfg: Config, cluster_cpus: float) -> Request:
         Part(t.num_workers, "training worker", res.cpus_per_worker, res.gpus_per_worker,
              cpu_key=f"train.num_workers={t.num_workers} x {per_key}",
              gpu_key="train.use_gpu=true"),
-        Part(2, "read task", READ_TASK_CPUS, cpu_key=f"2 read tasks x {READ_TASK_CPUS:g} CPU"),
-        Part(1, "eval task", EVAL_TASK_CPUS, cpu_key=f"1 eval task x {EVAL_TASK_CPUS:g} CPU"),
     ]
-    if a.device == "cpu":  # otherwise the training workers decode and augment themselves
-        parts.insert(1, Part(a.actors, "augment actor", AUGMENT_ACTOR_CPUS,
-                             cpu_key=f"augment.actors={a.actors} x {AUGMENT_ACTOR_CPUS:g} CPU"))
+    # each rank's own stream: its augment actors and read tasks, within its share of
+    # what the workers leave (at least one actor and one read task must fit)
+    pool = augment_pool(cfg, t.num_workers, cluster_cpus)
+    if pool.actors:
+        parts.append(Part(t.num_workers * pool.actors, "augment actor", pool.cpus_per_actor,
+                          cpu_key=f"augment.actors={a.actors} over {t.num_workers} ranks, "
+                                  f"{pool.cpus_per_actor:g} CPU each"))
+    reads = max(READ_TASK_CPUS, pool.cpu_limit - pool.actors * pool.cpus_per_actor)
+    parts.append(Part(t.num_workers, "read share", round(reads, 2),
+                      cpu_key=f"read tasks of {READ_TASK_CPUS:g} CPU, per rank"))
     nbytes, note = _store_note("augment.batch_size", a.batch_size, cfg.data.image_size,
-                               a.actors + t.num_workers)
+                               t.num_workers * pool.actors + t.num_workers)
     return Request(parts, nbytes, f"augment.batch_size={a.batch_size} at data.image_size="
                                   f"{cfg.data.image_size}", [note])
 

@@ -103,11 +103,17 @@ def _memory_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[di
                "label": torch.from_numpy(data["label"][i:i + batch_size])}
 
 
-def val_batches(spec: RunSpec) -> Iterator[dict[str, Any]]:
-    """The val set: from the object store when the driver transformed it once (small
-    sets), else this rank's copy of Ray Train's "val" dataset."""
+def val_batches(spec: RunSpec, rank: int, world: int) -> Iterator[dict[str, Any]]:
+    """This rank's share of the val set (every image scored by exactly one rank; the
+    loop all-reduces the sums): a contiguous slice of the arrays the driver transformed
+    once into the object store (small sets), else every ``world``-th batch of Ray
+    Train's unsplit "val" dataset (each rank reads it all, scores its share)."""
     if spec.val_ref is not None:
-        return _memory_batches(ray.get(spec.val_ref), VAL_BATCH)
+        data = ray.get(spec.val_ref)
+        n = len(data["label"])
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        return _memory_batches({k: v[lo:hi] for k, v in data.items()}, VAL_BATCH)
     shard = ray.train.get_dataset_shard("val")
     return ({"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(b["label"].astype("int64"))}
-            for b in shard.iter_batches(batch_size=VAL_BATCH, batch_format="numpy"))
+            for i, b in enumerate(shard.iter_batches(batch_size=VAL_BATCH, batch_format="numpy"))
+            if i % world == rank)

@@ -70,8 +70,14 @@ class Learner:
     freeze_backbone_epochs: int
 
     def scorer(self) -> nn.Module:
-        """The model val accuracy is measured on (the EMA copy when there is one)."""
-        return self.ema.module if self.ema is not None else self.model
+        """The bare model val accuracy is measured on (the EMA copy when there is one),
+        with rank 0's buffers (BN statistics), which its checkpoint holds: not through DDP,
+        whose forward is a collective, and ranks score unequal shares of the val set."""
+        model = self.ema.module if self.ema is not None else unwrap(self.model)
+        if dist.is_available() and dist.is_initialized():
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+        return model
 
 
 # ------------------------------------------------------------------ one epoch
@@ -139,19 +145,28 @@ def train_one_epoch(learner: Learner, batches: Iterable[dict[str, Any]], epoch: 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, Any]], cfg: AugmentConfig, device: torch.device,
              num_classes: int) -> dict[str, Any]:
-    """Loss, correct count and confusion matrix (rows: true, cols: predicted)."""
+    """Loss, count and confusion matrix (rows: true, cols: predicted) over all ranks:
+    each rank scores its share of the val set (:func:`val_batches`), the sums are
+    all-reduced."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum, n = 0.0, 0
-    for batch in batches:
-        x = transforms.to_input(batch["image"], cfg.mean, cfg.std, device)
-        y = batch["label"].to(device)
-        logits = model(x).float()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        pred = logits.argmax(1)
-        confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, num_classes)
-        n += len(y)
-    return {"loss_sum": loss_sum, "n": n, "confusion": confusion}
+    with torch.no_grad():
+        for batch in batches:
+            x = transforms.to_input(batch["image"], cfg.mean, cfg.std, device)
+            y = batch["label"].to(device)
+            logits = model(x).float()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            pred = logits.argmax(1)
+            confusion += torch.bincount((y * num_classes + pred).cpu(),
+                                        minlength=num_classes**2).view(num_classes, num_classes)
+            n += len(y)
+    loss_sum, n = _all_reduce([loss_sum, float(n)])
+    if dist.is_available() and dist.is_initialized():
+        confusion = confusion.to(device)
+        dist.all_reduce(confusion)
+        confusion = confusion.cpu()
+    return {"loss_sum": loss_sum, "n": int(n), "confusion": confusion}
 
 
 # ------------------------------------------------------------------ across ranks
@@ -351,7 +366,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             tr = train_one_epoch(learner, data.epoch(epoch), epoch, state.step, cfg.train.seed, rank, tracker)
             state.step = int(tr["step"])
             t_val = time.perf_counter()
-            ev = evaluate(learner.scorer(), val_batches(spec), cfg.augment, device, len(spec.classes))
+            ev = evaluate(learner.scorer(), val_batches(spec, rank, world), cfg.augment, device, len(spec.classes))
             now = time.perf_counter()
             tr["val_seconds"] = now - t_val
             stop = _finish_epoch(worker, state, epoch, tracker.totals(tr), ev, tr, now - t_mark)
