@@ -222,10 +222,10 @@ def _config(args: argparse.Namespace, extra: list[str] | None = None) -> config.
     return cfg
 
 
-def _weights_norm(spec: str) -> tuple[list[float], list[float]] | None:
+def _weights_norm(spec: str, arch: str | None) -> tuple[list[float], list[float]] | None:
     from pipeline.workflows import presets  # deferred: torchvision, for model.pretrained only
 
-    return presets.weights_normalization(spec)
+    return presets.weights_normalization(spec, arch)
 
 
 def _flag_overrides(args: argparse.Namespace, **keys: str) -> list[str]:

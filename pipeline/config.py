@@ -33,7 +33,7 @@ from pipeline.errors import UserError
 
 log = logging.getLogger("imgpipe")
 
-WeightsNorm = Callable[[str], "tuple[list[float], list[float]] | None"]  # pretrained spec -> (mean, std)
+WeightsNorm = Callable[[str, "str | None"], "tuple[list[float], list[float]] | None"]  # (pretrained, arch) -> (mean, std)
 
 
 class ConfigError(UserError):
@@ -295,7 +295,7 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
          base: dict[str, Any] | None = None, weights_norm: WeightsNorm | None = None) -> Config:
     """Read YAML at ``path`` (a URI), apply ``overrides``, validate.
 
-    ``weights_norm(spec)`` -> ``(mean, std)`` or None: the normalization the weights that
+    ``weights_norm(spec, arch)`` -> ``(mean, std)`` or None: the normalization the weights that
     ``model.pretrained`` names were trained with (:func:`apply_weights_norm`)."""
     data: dict[str, Any] = copy.deepcopy(base or {})
     if path:
@@ -325,7 +325,8 @@ def apply_weights_norm(data: dict[str, Any], weights_norm: WeightsNorm) -> None:
     with a warning naming both."""
     model = data.get("model")
     spec = model.get("pretrained") if isinstance(model, dict) else None
-    norm = weights_norm(spec) if isinstance(spec, str) and spec else None
+    arch = model.get("arch") if isinstance(model, dict) else None
+    norm = weights_norm(spec, arch if isinstance(arch, str) else None) if isinstance(spec, str) and spec else None
     if norm is None:
         return
     augment = data.setdefault("augment", {})

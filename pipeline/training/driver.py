@@ -91,7 +91,7 @@ def pretrained_state(cfg: Config, num_classes: int) -> dict[str, torch.Tensor] |
     elif storage.exists(storage.join(spec, names.META)):
         state = artifact.load(spec).state_dict
     elif storage.exists(spec):
-        state = _plain_state_dict(spec)
+        state = pretrained.read_weights(spec) if spec.endswith(pretrained.SAFETENSORS_SUFFIX) else _plain_state_dict(spec)
     else:
         raise UserError(f"model.pretrained not found: {spec} (a state-dict URI, a checkpoint folder, or NAME@vN)")
     # shares no tensor with the model: UserError now, not in every worker

@@ -18,11 +18,12 @@ from pipeline.errors import UserError
 from pipeline.models import pretrained
 
 
-def weights_normalization(spec: str) -> tuple[list[float], list[float]] | None:
-    """``(mean, std)`` of the named weights; None when ``spec`` names no weights (a URI,
-    a checkpoint, a registry reference) or torchvision does not know the name."""
+def weights_normalization(spec: str, arch: str | None = None) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` of the named weights; for a weights file of a ``timm/<name>`` arch,
+    timm's pretrained config for it; None when ``spec`` names no weights (a URI, a
+    checkpoint, a registry reference) of a timm arch, or torchvision does not know the name."""
     if not pretrained.is_weights_name(spec):
-        return None
+        return pretrained.timm_normalization(arch) if arch else None
     if spec == pretrained.LITE0_SPEC:
         return list(pretrained.IMAGENET_MEAN), list(pretrained.IMAGENET_STD)
     try:
