@@ -156,6 +156,8 @@ def _configs(args, dst: str = "") -> tuple[list[str], list[str]]:
     batch = args.batch or (256 if args.gpu else 128)
     shared = [f"ray.num_cpus={args.cpus}", f"train.epochs={epochs}", f"train.batch_size={batch}",
               "train.warmup_epochs=0.5", f"data.shard_rows={100 if args.gpu else 500}"]
+    if not args.gpu:
+        shared += ["data.image_size=32"]  # the size the JPEGs are made at (the figures in README)
     if args.gpu:
         shared += ["model.arch=resnet50", "data.image_size=224", "augment.preset=imagenet",
                    "augment.hflip=true", "augment.rotation=0", "augment.mean=[0.485,0.456,0.406]",

@@ -104,7 +104,7 @@ def _add_setup_commands(sub: Any) -> None:
     p = sub.add_parser("init", help="write a complete, commented config file for a preset",
                        description="Write a config file holding every key with its comment, set up "
                                    "for the preset. photos: fine-tune an ImageNet-pretrained "
-                                   "EfficientNet-Lite0 at 224 px; digits: a small CNN at 32 px.")
+                                   "EfficientNet-Lite0 at 224 px; digits: a small CNN at 16 px.")
     p.add_argument("file", nargs="?", metavar="FILE", help="where to write it (default: PRESET.yaml)")
     p.add_argument("--preset", required=True, choices=sorted(config.PRESETS), help="what the config is for")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")

@@ -43,7 +43,9 @@ class ConfigError(UserError):
 @dataclass
 class DataConfig:
     manifest: str | None = None  # URI of a packed dataset (the folder holding manifest.json)
-    image_size: int = 32  # px, side of the square model input
+    # px, side of the square model input. 16 suits the 8x8 digits: all their detail at a
+    # quarter of 32 px's compute (the small CNN's steps are ~4x cheaper; same accuracy)
+    image_size: int = 16
     max_bad_fraction: float = 0.01  # fail a job when more than this share of images is bad
     shard_rows: int = 0  # rows per shard when packing; 0 -> by shard_mb
     shard_mb: float = 128.0  # MB target per shard when shard_rows is 0 (at most 10k rows)
@@ -62,7 +64,7 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     preset: Literal["digits", "imagenet", "none"] = "digits"  # train-time recipe family
-    pad: int = 3  # px of zero padding before the random crop (digits: shift +-3 px)
+    pad: int = 2  # px of zero padding before the random crop (digits at 16 px: shift +-2 px)
     rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
     hflip: bool = False  # off for digits: a mirrored 2 is not a 2
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area (imagenet)
@@ -480,7 +482,7 @@ def render(cfg: Config | None = None, *, header: str = "", unset: tuple[str, ...
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
         "about": "small grey images such as scikit-learn's handwritten digits: a small CNN from "
-                 "scratch at 32 px (the embedded default, what `imgpipe demo` runs)",
+                 "scratch at 16 px (the embedded default, what `imgpipe demo` runs)",
         "values": {"data": {"manifest": "imgpipe-demo/bucket/shards"}},
         "unset": (),
     },
