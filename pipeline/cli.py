@@ -134,6 +134,24 @@ def _add_train_command(sub: Any) -> None:
                    help="with --register: make it the champion whatever its score")
 
 
+def _add_audit_commands(sub: Any) -> None:
+    p = sub.add_parser("audit", help="re-run the dataset audit of a packed dataset; rewrite DST/_report/dataset.html")
+    p.add_argument("dataset", metavar="DATASET", help="packed dataset (folder of manifest.json)")
+    p.add_argument("--model", metavar="MODEL", help="also rank suspected label errors in val/test with this "
+                                                   "model (confident learning; needs the [audit] extra)")
+    _add_summary_flag(p)
+    _add_config_flags(p)
+    p = sub.add_parser("review", help="the N images a model is least sure of, as a Label Studio import and a CSV")
+    p.add_argument("--predictions", required=True, metavar="DST", help="a committed `imgpipe predict` output")
+    p.add_argument("--k", type=int, required=True, metavar="N", help="how many images to queue")
+    p.add_argument("--strategy", choices=("margin", "entropy", "least-confident"), default="margin",
+                   help="uncertainty measure over the top-k scores (default: %(default)s)")
+    p.add_argument("--output", required=True, metavar="FILE", help="Label Studio tasks JSON to write")
+    p.add_argument("--csv", metavar="FILE", help="CSV uri,predicted,score (default: FILE.csv)")
+    _add_summary_flag(p)
+    _add_config_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``imgpipe`` parser: global flags and one subparser per command."""
     parser = argparse.ArgumentParser(
@@ -171,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
 
     _add_train_command(sub)
+    _add_audit_commands(sub)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a model on a split")
     p.add_argument("--model", required=True, metavar="MODEL", help="NAME@champion, NAME@vN or a checkpoint URI")
@@ -245,11 +264,24 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_pack(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.data import packing  # deferred: imports Ray Data
+    from pipeline.workflows import audit  # deferred: imports Ray Data
 
     extra = _flag_overrides(args, shard_rows="data.shard_rows", val="data.val_fraction", test="data.test_fraction",
                             max_side="data.max_side")
-    return packing.pack(args.src, args.dst, _config(args, extra), seed=args.seed, quiet=args.quiet)
+    return audit.pack(args.src, args.dst, _config(args, extra), seed=args.seed, quiet=args.quiet)
+
+
+def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.workflows import audit  # deferred: imports Ray Data (through packing)
+
+    return audit.run(args.dataset, _config(args), model=args.model, quiet=args.quiet)
+
+
+def _cmd_review(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.workflows import review  # deferred: reads Parquet with pyarrow
+
+    _config(args)  # storage options
+    return review.run(args.predictions, args.k, args.strategy, args.output, args.csv)
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -341,7 +373,7 @@ def _cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
 HANDLERS = {
     "demo": _cmd_demo, "pack": _cmd_pack, "train": _cmd_train, "evaluate": _cmd_evaluate,
     "predict": _cmd_predict, "models": _cmd_models, "retrain": _cmd_retrain, "submit": _cmd_submit,
-    "init": _cmd_init, "config": _cmd_config,
+    "init": _cmd_init, "config": _cmd_config, "audit": _cmd_audit, "review": _cmd_review,
 }
 
 

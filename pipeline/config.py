@@ -59,6 +59,11 @@ class DataConfig:
     # of the split), with no timing-dependent shuffle window (see pipeline.data.stream)
     shuffle_buffer: int = 512
     incoming: str | None = None  # prefix of nightly folders dt=YYYY-MM-DD/<class>/... (retrain)
+    # `pack`: identical files (one image_id) in several splits are kept in one ("exact");
+    # "near" also moves near-duplicate groups (perceptual hash, needs the [audit] extra) into
+    # one split; "off" leaves splits as assigned (the audit still reports them)
+    dedupe: Literal["exact", "near", "off"] = "exact"
+    near_dup_distance: int = 4  # bits: max Hamming distance of two 64-bit pHashes called near duplicates
 
 
 @dataclass

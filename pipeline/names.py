@@ -7,6 +7,10 @@ are described in ``docs/formats.md``.
 # datasets (imgpipe pack)
 MANIFEST = "manifest.json"  # written last: its presence commits the dataset
 ERRORS_DIR = "_errors"  # quarantined images: <dataset or output>/_errors/*.parquet
+DATASET_REPORT_DIR = "_report"  # DST/_report/: the audit page (pack, imgpipe audit) and its plots
+DATASET_REPORT = "dataset.html"  # DST/_report/dataset.html
+DATASET_AUDIT = "audit.json"  # DST/_report/: the audit `imgpipe audit` re-ran (manifest.json is never rewritten)
+LABEL_ISSUES = "label_issues.parquet"  # DST/_report/: suspected label errors (imgpipe audit --model)
 
 # training runs (RUN = train.storage/<run_name>)
 RUN_CONFIG = "config.yaml"  # the resolved config of the run

@@ -310,9 +310,10 @@ def test_cli_bad_pack_arguments_exit_2_with_one_line(tmp_path, digits_dir, extra
 def test_identical_images_never_land_in_two_splits(tmp_path, ray_local):
     src = _two_classes(tmp_path / "imgs")
     dup = _png((250, 250, 250))
-    for cls in ("a", "b"):  # one image, 8 names, under both class folders
-        for i in range(4):
-            (src / cls / f"copy-{i}.png").write_bytes(dup)
+    # one image under 8 names in one class (the same bytes under two classes is a label
+    # conflict, quarantined: tests/test_audit.py)
+    for i in range(8):
+        (src / "a" / f"copy-{i}.png").write_bytes(dup)
     dup_id = hashlib.sha256(dup).hexdigest()
     cfg = small_config(data={"val_fraction": 0.25, "test_fraction": 0.25, "shard_rows": 5})
     naive = packing.assign_splits(listings.list_source(str(src)), 0.25, 0.25, seed=0)

@@ -4,6 +4,8 @@ A source string is one of (:func:`parse` tells which)::
 
     DATASET:split        one split of a packed dataset (predict)
     FILE.csv|.parquet    a listing file: columns uri[,label][,size,version]
+    FILE.json            a Label Studio JSON export: data.image is the uri, the last
+                         annotation's choice the label (:func:`label_studio_listing`)
     DATASET              a packed shard set, a folder holding manifest.json (pack re-splits it)
     PREFIX               a folder or S3 prefix of images: pack reads it as an ImageFolder
                          (<class>/<file>), predict lists it recursively
@@ -16,6 +18,7 @@ folders named ``a:b``): only a trailing ``:<split>`` after a dataset is a split.
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -35,7 +38,7 @@ from pipeline.data.shardset import (
 from pipeline.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-LISTING_SUFFIXES = (".csv", ".parquet")
+LISTING_SUFFIXES = (".csv", ".parquet", ".json")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a split name: no '/', so never part of 's3://'
 
 # predict's input listing (also its run-state snapshot); version: ETag on S3, mtime locally
@@ -90,6 +93,8 @@ def read_listing(uri: str, required: tuple[str, ...]) -> pa.Table:
     try:
         if uri.lower().endswith(".parquet"):
             table = storage.read_table(uri)
+        elif uri.lower().endswith(".json"):
+            table = label_studio_listing(storage.read_bytes(uri), uri)
         else:
             table = pacsv.read_csv(io.BytesIO(storage.read_bytes(uri)))
     except storage.NotFound:
@@ -99,6 +104,29 @@ def read_listing(uri: str, required: tuple[str, ...]) -> pa.Table:
         raise UserError(f"listing {uri} needs columns {','.join(required)}; missing {', '.join(missing)} "
                         f"(has {', '.join(table.column_names)})")
     return table
+
+
+def label_studio_listing(data: bytes, uri: str) -> pa.Table:
+    """A Label Studio JSON export (a list of tasks) as a listing ``uri,label``: ``data.image``
+    and the first choice of the task's last annotation that was not cancelled. Tasks with no
+    such annotation (not labelled yet) are left out."""
+    try:
+        tasks = json.loads(data)
+    except ValueError as e:
+        raise UserError(f"listing {uri} is not JSON: {e}") from None
+    if not isinstance(tasks, list):
+        raise UserError(f"listing {uri}: expected a Label Studio export (a JSON list of tasks)")
+    uris, labels = [], []
+    for t in tasks:
+        image = (t.get("data") or {}).get("image") if isinstance(t, dict) else None
+        if not image:
+            raise UserError(f"listing {uri}: a task without data.image: {str(t)[:200]}")
+        choices = [c for a in t.get("annotations") or [] if not a.get("was_cancelled")
+                   for r in a.get("result") or [] for c in (r.get("value") or {}).get("choices") or []][-1:]
+        if choices:
+            uris.append(str(image))
+            labels.append(str(choices[0]))
+    return pa.table({"uri": pa.array(uris, pa.string()), "label": pa.array(labels, pa.string())})
 
 
 # ------------------------------------------------------------------ pack's source

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline import images, storage
 from pipeline.config import Config
+from pipeline.data import audit
 from pipeline.data.listings import check_source, list_source
 from pipeline.data.shardset import (
     ERROR_SCHEMA,
@@ -212,7 +213,7 @@ def write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: 
     except Exception as e:  # noqa: BLE001 - handed to the driver, which raises it
         return {"split": task["split"], "index": task["index"], "path": shard_path(task["split"], task["index"]),
                 "rows": 0, "sha256": "", "bad": 0, "reasons": {}, "bytes": 0, "reused": False, "ids": b"",
-                "missing": "", "failed": describe_failure(e)}
+                "facts": b"", "missing": "", "failed": describe_failure(e)}
 
 
 def _write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels: int,
@@ -225,9 +226,10 @@ def _write_shard(task: dict[str, Any], opts: storage.StorageOptions, max_pixels:
     rows = validate(task, max_pixels, max_side)
     if rows.bad["source"]:  # errors first: a shard present implies its errors file is too
         storage.write_table(storage.join(dst, error_path(split, index)), pa.table(rows.bad, schema=ERROR_SCHEMA))
-    data = _write(dst, split, index, pa.table(rows.good, schema=SHARD_SCHEMA))
+    table = pa.table(rows.good, schema=SHARD_SCHEMA)
+    data = _write(dst, split, index, table)
     return _result(split, index, data, rows.good["image_id"], rows.bad["source"], rows.bad["error"],
-                   reused=False)
+                   reused=False, facts=audit.shard_facts(table))
 
 
 def _write(dst: str, split: str, index: int, table: pa.Table) -> bytes:
@@ -241,24 +243,26 @@ def _reuse(dst: str, split: str, index: int) -> dict[str, Any] | None:
     if not storage.exists(shard_uri):
         return None
     data = storage.read_bytes(shard_uri)
-    ids = pq.read_table(pa.BufferReader(data), columns=["image_id"]).column("image_id").to_pylist()
+    table = pq.read_table(pa.BufferReader(data), columns=["image_id", "image", "label"])
+    ids = table.column("image_id").to_pylist()
     error_uri = storage.join(dst, error_path(split, index))
     errors = (storage.read_table(error_uri, columns=["source", "error"]) if storage.exists(error_uri)
               else pa.table({"source": pa.array([], pa.string()), "error": pa.array([], pa.string())}))
     return _result(split, index, data, ids, errors.column("source").to_pylist(),
-                   errors.column("error").to_pylist(), reused=True)
+                   errors.column("error").to_pylist(), reused=True, facts=audit.shard_facts(table))
 
 
 def _result(split: str, index: int, data: bytes, ids: list[str], bad_sources: list[str], errors: list[str],
-            reused: bool) -> dict[str, Any]:
+            reused: bool, facts: bytes) -> dict[str, Any]:
     """One task's row in the job's output (Ray Data rows are dicts). ``ids``: the 64-bit
     prefixes of the shard's image ids, in row order (for :func:`separate_duplicates`);
+    ``facts``: the audit's per-row facts (:func:`pipeline.data.audit.shard_facts`);
     ``missing``: up to :data:`MAX_NAMED` sources that do not exist."""
     missing = [s for s, e in zip(bad_sources, errors) if e.startswith(MISSING + ":")][:MAX_NAMED]
     return {"split": split, "index": index, "path": shard_path(split, index), "rows": len(ids),
             "sha256": hashlib.sha256(data).hexdigest(), "bad": len(errors), "reasons": _reasons(errors),
-            "bytes": len(data), "reused": reused, "ids": id_keys(ids), "missing": "\n".join(missing),
-            "failed": ""}
+            "bytes": len(data), "reused": reused, "ids": id_keys(ids), "facts": facts,
+            "missing": "\n".join(missing), "failed": ""}
 
 
 def id_keys(ids: list[str]) -> bytes:
@@ -301,6 +305,10 @@ def check_args(cfg: Config) -> None:
         raise UserError(f"data.shard_mb must be > 0 when --shard-rows is 0; got {d.shard_mb}")
     if d.max_side < 0:
         raise UserError(f"--max-side (data.max_side) must be >= 0 (0: store images as they are); got {d.max_side}")
+    if not 0 <= d.near_dup_distance <= 32:
+        raise UserError(f"data.near_dup_distance must be in [0, 32] bits; got {d.near_dup_distance}")
+    if d.dedupe == "near" and not audit.near_enabled():
+        raise UserError(f"data.dedupe: near needs the perceptual hash: {audit.NEAR_SKIPPED.split(': ', 1)[1]}")
 
 
 def settings(src: str, seed: int, cfg: Config) -> dict[str, Any]:
@@ -311,6 +319,9 @@ def settings(src: str, seed: int, cfg: Config) -> dict[str, Any]:
     if cfg.data.shard_rows == 0:  # shards sized by bytes
         out["shard_mb"] = cfg.data.shard_mb
     out["max_side"] = cfg.data.max_side
+    if cfg.data.dedupe != "exact":  # recorded only when it changes the splits from the default's
+        out["dedupe"] = cfg.data.dedupe
+        out["near_dup_distance"] = cfg.data.near_dup_distance
     if cfg.data.max_side > 0:  # shrunk images are re-encoded at this quality
         out["jpeg_quality"] = images.SHRINK_QUALITY
     return out
@@ -418,6 +429,7 @@ def run_tasks(p: PackPlan, dst: str, cfg: Config, quiet: bool, t0: float) -> lis
 def tally(results: list[dict[str, Any]], total: int, src: str, dst: str, cfg: Config) -> tuple[int, dict[str, int]]:
     """(bad images, counts per reason); refuses a job with no good image or too many bad ones."""
     bad = sum(r["bad"] for r in results)
+    conflicts = sum(_reasons_of(r).get(audit.LABEL_CONFLICT, 0) for r in results)  # data, not read errors
     missing = _missing(results)
     named = f"; missing: {', '.join(missing)}{' ...' if len(missing) >= MAX_NAMED else ''}" if missing else ""
     if missing:
@@ -425,13 +437,18 @@ def tally(results: list[dict[str, Any]], total: int, src: str, dst: str, cfg: Co
                     " ..." if len(missing) >= MAX_NAMED else "")
     if sum(r["rows"] for r in results) == 0:
         raise UserError(f"no readable images in {src}: all {bad} were bad (see {dst}/{ERRORS_DIR}/){named}")
-    if bad / max(total, 1) > cfg.data.max_bad_fraction:
+    if (bad - conflicts) / max(total, 1) > cfg.data.max_bad_fraction:
         raise JobFailed(f"{bad} of {total} images are bad ({bad / total:.2%} > data.max_bad_fraction "
                         f"{cfg.data.max_bad_fraction:.2%}); see {dst}/{ERRORS_DIR}/ ; manifest not written{named}")
     reasons: Counter[str] = Counter()
     for r in results:
-        reasons.update(r["reasons"])
+        reasons.update(_reasons_of(r))
     return bad, dict(reasons)
+
+
+def _reasons_of(r: dict[str, Any]) -> dict[str, int]:
+    """A result's counts per reason (Ray Data may hand a dict back with None for absent keys)."""
+    return {k: v for k, v in (r["reasons"] or {}).items() if v}
 
 
 def _missing(results: list[dict[str, Any]]) -> list[str]:
@@ -488,10 +505,124 @@ def _drop_rows(dst: str, r: dict[str, Any], ids: set[str]) -> tuple[dict[str, An
     """Rewrite the shard of result ``r`` without rows whose image_id is in ``ids``."""
     table = read_shard(storage.join(dst, r["path"]), r["sha256"])
     kept = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(ids)))))
-    data = _write(dst, r["split"], r["index"], kept)
+    data = storage.write_table(storage.join(dst, r["path"]), kept, compression="none")
     new = {**r, "rows": kept.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
            "ids": id_keys(kept.column("image_id").to_pylist())}
+    new["facts"] = audit.realign(audit.facts_of(r["facts"]), new["ids"]).tobytes()
     return new, table.num_rows - kept.num_rows
+
+
+# ------------------------------------------------- label conflicts, near duplicates
+
+
+def quarantine_conflicts(results: list[dict[str, Any]], dst: str, classes: list[str]) -> int:
+    """Quarantine images whose bytes (one ``image_id``) are listed under two labels; returns rows.
+
+    Candidates come from the tasks' audit facts (64-bit id key + label); they are confirmed
+    against full ids in their shards only. Every copy leaves its shard (trained on under no
+    label) for ``_errors/`` with reason :data:`pipeline.data.audit.LABEL_CONFLICT`: the error
+    rows are written first, so a crash in between loses nothing, and a rerun (which reuses the
+    rewritten shards) finds nothing left and counts them from ``_errors/``."""
+    candidates = audit.conflicting_keys(audit.facts_of(r["facts"]) for r in results)
+    if candidates.size == 0:
+        return 0
+    found: dict[int, list[tuple[str, int, str]]] = {}  # result index -> (image_id, label, source)
+    keys = set(candidates.tolist())
+    for n, r in enumerate(results):
+        if np.isin(audit.facts_of(r["facts"])["key"], candidates).any():
+            t = storage.read_table(storage.join(dst, r["path"]), columns=["image_id", "label", "source"])
+            found[n] = [row for row in zip(*(t.column(c).to_pylist() for c in t.column_names))
+                        if audit.id_key(row[0]) in keys]
+    labels_of: dict[str, set[int]] = {}
+    for rows in found.values():
+        for image_id, label, _ in rows:
+            labels_of.setdefault(image_id, set()).add(label)
+    quarantined = 0
+    for n, rows in found.items():
+        drop = [(src, i, labels_of[i]) for i, _, src in rows if len(labels_of[i]) > 1]
+        if drop:
+            new = _append_errors(dst, results[n], [(src, i, f"{audit.LABEL_CONFLICT}: the same bytes are listed "
+                                                    f"as {', '.join(sorted(classes[k] for k in labs))}")
+                                                   for src, i, labs in drop])
+            results[n], gone = _drop_rows(dst, results[n], {i for _, i, _ in drop})
+            reasons = _reasons_of(results[n])  # a rerun's reused result counts earlier error rows already
+            results[n] = {**results[n], "bad": results[n]["bad"] + new,
+                          "reasons": {**reasons, audit.LABEL_CONFLICT: reasons.get(audit.LABEL_CONFLICT, 0) + new}}
+            quarantined += gone
+    if quarantined:
+        log.warning("pack: %d images are listed under two labels; quarantined in %s/%s/ (%s)", quarantined,
+                    dst, ERRORS_DIR, audit.LABEL_CONFLICT)
+    return quarantined
+
+
+def _append_errors(dst: str, r: dict[str, Any], rows: list[tuple[str, str, str]]) -> int:
+    """Add ``rows`` (source, image_id, error) to the errors file of result ``r``'s shard,
+    but those already there; returns how many were added."""
+    uri = storage.join(dst, error_path(r["split"], r["index"]))
+    old = storage.read_table(uri) if storage.exists(uri) else ERROR_SCHEMA.empty_table()
+    seen = set(zip(old.column("source").to_pylist(), old.column("image_id").to_pylist()))
+    new = [row for row in rows if (row[0], row[1]) not in seen]
+    cols = list(zip(*new)) if new else [[], [], []]
+    storage.write_table(uri, pa.concat_tables([old, pa.table([list(c) for c in cols], schema=ERROR_SCHEMA)]))
+    return len(new)
+
+
+def moved_path(split: str) -> str:
+    """The shard holding images ``data.dedupe: near`` moved into ``split``."""
+    return f"{split}/part-near.parquet"
+
+
+def reuse_moved(results: list[dict[str, Any]], dst: str, reused: bool = True) -> None:
+    """Add the moved-image shards (:func:`gather_near`) on storage to ``results``: on a
+    rerun, those an interrupted run wrote (``reused``); after moving, this run's."""
+    for split in SPLITS:
+        uri = storage.join(dst, moved_path(split))
+        if storage.exists(uri) and not any(r["path"] == moved_path(split) for r in results):
+            data = storage.read_bytes(uri)
+            table = pq.read_table(pa.BufferReader(data), columns=["image_id", "image", "label"])
+            results.append({**_result(split, -1, data, table.column("image_id").to_pylist(), [], [], reused=reused,
+                                      facts=audit.shard_facts(table)), "path": moved_path(split)})
+
+
+def gather_near(results: list[dict[str, Any]], dst: str, max_distance: int) -> int:
+    """``data.dedupe: near``: move every near-duplicate group (pHash within ``max_distance``
+    bits, linked transitively) into one split, the first of :data:`KEEP_ORDER` it touches;
+    returns images moved. The moved rows are written to the keeping split's
+    :func:`moved_path` shard first, then dropped from their shards (a rerun reuses both)."""
+    shards = [audit.Shard(r["split"], storage.join(dst, r["path"]), audit.facts_of(r["facts"])) for r in results]
+    moves = audit.near_moves(shards, max_distance, KEEP_ORDER)  # shard index -> {image_id key: to split}
+    for n, r in enumerate(results):
+        if r["path"] == moved_path(r["split"]):  # moved once already: stays with its group
+            moves.pop(n, None)
+    moved = 0
+    for split in SPLITS:
+        tables = []
+        for n, keys in moves.items():
+            ids = _ids_with_keys(dst, results[n], [k for k, to in keys.items() if to == split])
+            if ids:
+                t = read_shard(storage.join(dst, results[n]["path"]), results[n]["sha256"])
+                tables.append(t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(ids)))))
+        if not tables:
+            continue
+        uri = storage.join(dst, moved_path(split))
+        old = [storage.read_table(uri)] if storage.exists(uri) else []
+        storage.write_table(uri, pa.concat_tables(old + tables), compression="none")
+    for n, keys in moves.items():
+        results[n], gone = _drop_rows(dst, results[n], _ids_with_keys(dst, results[n], list(keys)))
+        moved += gone
+    results[:] = [r for r in results if r["path"] not in {moved_path(s) for s in SPLITS}]
+    reuse_moved(results, dst, reused=False)
+    if moved:
+        log.warning("pack: %d near-duplicate images moved next to their copies' split (data.dedupe: near)", moved)
+    return moved
+
+
+def _ids_with_keys(dst: str, r: dict[str, Any], keys: list[int]) -> set[str]:
+    if not keys:
+        return set()
+    col = storage.read_table(storage.join(dst, r["path"]), columns=["image_id"]).column("image_id").to_pylist()
+    wanted = set(keys)
+    return {i for i in col if audit.id_key(i) in wanted}
 
 
 # ------------------------------------------------------------------ the command
@@ -530,9 +661,12 @@ def _pack(src: str, dst: str, cfg: Config, seed: int, quiet: bool, classes: list
              p.images, len(p.classes), len(p.tasks), p.rows_per_shard,
              ", ".join(f"{sp} {n}" for sp, n in per_split.items()), dst)
     results = run_tasks(p, dst, cfg, quiet, t0)
+    reuse_moved(results, dst)
+    results.sort(key=lambda r: (SPLITS.index(r["split"]), r["index"] if r["index"] >= 0 else len(results)))
+    quarantine_conflicts(results, dst, p.classes)
     bad, reasons = tally(results, p.images, src, dst, cfg)
-    results.sort(key=lambda r: (SPLITS.index(r["split"]), r["index"]))
-    duplicates = separate_duplicates(results, dst)
+    duplicates = separate_duplicates(results, dst) if cfg.data.dedupe != "off" else 0
+    moved = gather_near(results, dst, cfg.data.near_dup_distance) if cfg.data.dedupe == "near" else 0
     manifest = {
         "format": 1,
         "classes": p.classes,
@@ -545,6 +679,9 @@ def _pack(src: str, dst: str, cfg: Config, seed: int, quiet: bool, classes: list
         "bad_reasons": reasons,
         "missing_sources": _missing(results),
         "cross_split_duplicates": duplicates,
+        "audit": audit.summarize(p.classes, [audit.Shard(r["split"], storage.join(dst, r["path"]),
+                                                         audit.facts_of(r["facts"])) for r in results],
+                                 reasons, duplicates, cfg.data.near_dup_distance, moved),
     }
     held.check()  # never commit over a run that took the lease over
     storage.write_json(storage.join(dst, MANIFEST), manifest)  # last: commits the dataset

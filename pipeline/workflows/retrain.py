@@ -2,8 +2,9 @@
 
 For night D:
 
-1. pack the labelled images that arrived under ``data.incoming/dt=D/`` (ImageFolder)
-   with the base dataset's classes, all into ``train``;
+1. pack the labelled images that arrived under ``data.incoming/dt=D/`` (ImageFolder, or
+   a labels file at its top: a Label Studio JSON export or a CSV ``uri,label``, e.g. the
+   answers to an ``imgpipe review`` queue) with the base dataset's classes, all into ``train``;
 2. write a new dataset version ``<base>/versions/dt=D/manifest.json``: the previous
    version's training shards plus the new ones; ``val`` and ``test`` stay the base
    dataset's (the holdout is frozen, so scores are comparable night after night);
@@ -158,6 +159,16 @@ def run(cfg: Config, date: str, quiet: bool = False) -> dict[str, Any]:
     return {**summary, "already_done": False, "seconds": round(time.time() - t0, 1)}
 
 
+def labels_file(incoming: str) -> str | None:
+    """The labels file at the top of partition ``incoming`` (``*.json`` Label Studio export or
+    ``*.csv`` ``uri,label``), None for an ImageFolder partition; UserError for two."""
+    top = [f.uri for f in storage.iter_files(incoming, (".json", ".csv"))
+           if "/" not in f.uri[len(storage.normalize(incoming).rstrip("/")) + 1:]]
+    if len(top) > 1:
+        raise UserError(f"{incoming} holds {len(top)} labels files ({', '.join(top)}); a night takes one")
+    return top[0] if top else None
+
+
 def _new_version(cfg: Config, base: shardset.Manifest, date: str, incoming: str, version_root: str,
                  quiet: bool) -> tuple[shardset.Manifest, int]:
     """Steps 1-2: pack the night's images, write the dataset version; (version, new images)."""
@@ -165,7 +176,8 @@ def _new_version(cfg: Config, base: shardset.Manifest, date: str, incoming: str,
     pack_cfg = copy.deepcopy(cfg)
     pack_cfg.data.val_fraction = pack_cfg.data.test_fraction = 0.0  # all new images train
     new = storage.join(version_root, "incoming")
-    packed = packing.pack(incoming, new, pack_cfg, seed=cfg.train.seed, quiet=quiet, classes=base.classes)
+    source = labels_file(incoming) or incoming
+    packed = packing.pack(source, new, pack_cfg, seed=cfg.train.seed, quiet=quiet, classes=base.classes)
     prev = _previous_version(base, date)
     manifest = {
         "format": 1, "classes": base.classes,
