@@ -89,7 +89,14 @@ def sample_seed(seed: int, epoch: int, image_id: str) -> int:
 
 def augment_one(transform, img: torch.Tensor, seed: int, epoch: int, image_id: str) -> torch.Tensor:
     """``transform(img)`` with its random draws seeded from ``(seed, epoch, image_id)``."""
-    torch.manual_seed(sample_seed(seed, epoch, image_id))
+    s = sample_seed(seed, epoch, image_id)
+    if img.is_cuda:
+        torch.manual_seed(s)  # CPU and CUDA generators
+    else:
+        # the CPU generator alone, which the transforms draw from: torch.manual_seed also
+        # queues a lazy CUDA/MTIA seeding that formats a stack trace on every call when no
+        # GPU is initialized, a third of this function's CPU on 16 px digits
+        torch.default_generator.manual_seed(s)
     return transform(img)
 
 
