@@ -35,6 +35,7 @@ def _complete(partition):
     storage.write_bytes(os.path.join(str(partition), names.PARTITION_COMPLETE), b"")
 
 
+@pytest.mark.slow  # 200 s in CI: two full nights (pack, train, gate, re-score)
 @pytest.mark.timeout(900)
 def test_two_nights(tmp_path, ray_local):
     base_imgs, incoming = tmp_path / "images", tmp_path / "incoming"

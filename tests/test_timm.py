@@ -124,6 +124,7 @@ def test_a_timm_weights_file_brings_timms_normalization_into_the_config(tmp_path
     assert cfg.augment.mean == list(pretrained.IMAGENET_MEAN)
 
 
+@pytest.mark.slow  # 90 s in CI; timm is optional
 def test_train_then_predict_a_timm_net(packed, tmp_path):
     """A real 1-epoch training of a timm net from a local weights file, then predict with
     its checkpoint: the checkpoint records the arch, so predict rebuilds it."""

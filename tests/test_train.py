@@ -391,6 +391,7 @@ def test_second_run_with_the_same_name_exits_2(packed, tmp_path, capsys):
     assert not (runs / "busy" / "config.yaml").exists()
 
 
+@pytest.mark.slow  # 95 s in CI; the lease itself is tested in tests/test_lease.py
 @pytest.mark.timeout(900)
 def test_run_holds_its_lease_while_training(packed, tmp_path):
     """While a run trains, a second `python -m pipeline train` with the same run_name
