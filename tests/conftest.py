@@ -3,6 +3,7 @@ instance sized like the CI machine, and small real datasets (scikit-learn digits
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -116,5 +117,8 @@ def trained(packed, tmp_path_factory):
                        train={"storage": str(runs), "run_name": "t1", "callbacks": [trace_ids(str(trace))]})
     summary = driver.run(cfg, quiet=True)
     summary["trace_dir"] = str(trace)
+    # read now: later tests resume run t1, and its checkpoint policy may prune this one
+    final = os.path.join(summary["run_uri"], f"checkpoint_epoch_{cfg.train.epochs:04d}")
+    summary["final_weights_sha256"] = json.loads(open(os.path.join(final, "meta.json")).read())["weights_sha256"]
     summary["config"] = cfg
     return summary

@@ -165,7 +165,7 @@ def test_worker_killed_mid_epoch_resumes_exactly(trained, packed, tmp_path):
         missing = sum((ids - seen).values())
         assert missing == hist[epoch]["dropped_train_images"] <= 1
         assert hist[epoch]["train_images"] == sum(ids.values()) - missing  # sums carried across the restart
-    assert _final_weights_sha256(out["run_uri"], 2) == _final_weights_sha256(trained["run_uri"], 2)
+    assert _final_weights_sha256(out["run_uri"], 2) == trained["final_weights_sha256"]
 
 
 def test_every_epoch_reports_its_overhead(trained):
