@@ -3,7 +3,6 @@ instance sized like the CI machine, and small real datasets (scikit-learn digits
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import uuid
@@ -108,6 +107,7 @@ def packed(digits_dir, ray_local, tmp_path_factory):
 def trained(packed, tmp_path_factory):
     """One short training run on ``packed`` (2 DDP workers on 2 CPUs), with id traces
     (the :class:`tests.train_callbacks.TraceIds` callback)."""
+    from pipeline.models import artifact
     from pipeline.training import driver
     from tests.train_callbacks import trace_ids
 
@@ -119,6 +119,6 @@ def trained(packed, tmp_path_factory):
     summary["trace_dir"] = str(trace)
     # read now: later tests resume run t1, and its checkpoint policy may prune this one
     final = os.path.join(summary["run_uri"], f"checkpoint_epoch_{cfg.train.epochs:04d}")
-    summary["final_weights_sha256"] = json.loads(open(os.path.join(final, "meta.json")).read())["weights_sha256"]
+    summary["final_weights_sha256"] = artifact.read_meta(final)["weights_sha256"]
     summary["config"] = cfg
     return summary
