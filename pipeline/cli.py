@@ -152,6 +152,22 @@ def _add_audit_commands(sub: Any) -> None:
     _add_config_flags(p)
 
 
+def _add_learning_curve_command(sub: Any) -> None:
+    p = sub.add_parser("learning-curve", help="train on growing stratified subsets: does more data help?",
+                       description="Train the config on stratified subsets of data.manifest's training "
+                                   "split (same val and test), plot test accuracy against images per "
+                                   "class with a power-law fit of the error, and estimate the accuracy "
+                                   "at 2x and 10x the data. Rerunning reuses finished points.")
+    _add_config_flags(p, positional=True)
+    p.add_argument("--fractions", default="0.1,0.25,0.5,1.0", metavar="F,F,...",
+                   help="fractions of the training split, each in (0, 1] (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1", metavar="S,S,...",
+                   help="seeds: each picks its own subsets and trains with train.seed=S (default: %(default)s)")
+    p.add_argument("--output", default=None, metavar="OUT",
+                   help="folder for subsets, runs and the figure (default: train.storage/learning-curve)")
+    _add_summary_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``imgpipe`` parser: global flags and one subparser per command."""
     parser = argparse.ArgumentParser(
@@ -189,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
 
     _add_train_command(sub)
+    _add_learning_curve_command(sub)
     _add_audit_commands(sub)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a model on a split")
@@ -299,6 +316,14 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return {**trained, "registered": reg}
 
 
+def _cmd_learning_curve(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.workflows import learning_curve  # deferred: trains with torch + Ray
+
+    cfg = _config(args)
+    return learning_curve.run(cfg, learning_curve.parse_list(args.fractions, float, "fractions"),
+                              learning_curve.parse_list(args.seeds, int, "seeds"), args.output, quiet=args.quiet)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.inference import evaluate  # deferred: imports torch and Ray Data
 
@@ -374,6 +399,7 @@ HANDLERS = {
     "demo": _cmd_demo, "pack": _cmd_pack, "train": _cmd_train, "evaluate": _cmd_evaluate,
     "predict": _cmd_predict, "models": _cmd_models, "retrain": _cmd_retrain, "submit": _cmd_submit,
     "init": _cmd_init, "config": _cmd_config, "audit": _cmd_audit, "review": _cmd_review,
+    "learning-curve": _cmd_learning_curve,
 }
 
 

@@ -45,6 +45,10 @@ LEASE = "_lease.json"  # <folder>/_lease.json: owner, heartbeat, expiry; deleted
 # (local disk also keeps an empty "_lease.json.lock" next to it: the flock file of storage's
 # conditional writes)
 
+# learning curves (imgpipe learning-curve --output OUT)
+LEARNING_CURVE = "learning_curve.json"  # OUT/: points, per-fraction means, the power-law fit, estimates
+LEARNING_CURVE_PLOT = "learning_curve.png"  # OUT/: test accuracy vs images per class, with the fit
+
 # reports
 HTML_NAME = "report.html"
 JSON_NAME = "report.json"

@@ -162,3 +162,22 @@ def image_grid(tiles: list[tuple[str, bytes]], title: str) -> bytes:
     fig.suptitle(title, fontsize=12)
     fig.tight_layout(h_pad=1.5, rect=(0.0, 0.0, 1.0, 0.98 if rows > 1 else 0.93))
     return to_png(fig)
+
+
+def learning_curve_plot(per_class: list[float], mean: list[float], low: list[float], high: list[float],
+                        fit: tuple[list[float], list[float]] | None, title: str) -> bytes:
+    """Test accuracy (mean, and the seeds' range as error bars) against training images
+    per class on a log axis, with the fitted curve ``fit = (xs, ys)`` drawn dashed."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    m = np.asarray(mean)
+    ax.errorbar(per_class, m, yerr=[m - np.asarray(low), np.asarray(high) - m], marker="o", markersize=5,
+                capsize=3, label="measured (mean, range over seeds)")
+    if fit is not None:
+        ax.plot(*fit, linestyle="--", color="gray", label="power-law fit of the error")
+    ax.set_xscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("training images per class")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    return to_png(fig)
