@@ -66,6 +66,18 @@ def test_split_is_seeded_and_stable(digits_dir):
     assert a == b and a != c
 
 
+def test_split_does_not_depend_on_where_the_images_are(digits_dir, tmp_path):
+    """The same files under another folder or bucket get the same split (a workdir's
+    path must not change the demo's test set)."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "images"
+    shutil.copytree(digits_dir, moved)
+    here, there = listings.list_source(digits_dir), listings.list_source(str(moved))
+    assert here.column("source").to_pylist() != there.column("source").to_pylist()
+    assert packing.assign_splits(here, 0.15, 0.15, seed=0) == packing.assign_splits(there, 0.15, 0.15, seed=0)
+
+
 def test_tampered_shard_is_refused(packed, tmp_path):
     import shutil
 

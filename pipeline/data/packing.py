@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,19 +73,28 @@ KEEP_ORDER = ("test", "val", "train")
 # -------------------------------------------------------------------------- split
 
 
-def _rank(seed: int, source: str) -> str:
-    return hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()
+def _rank(seed: int, name: str) -> str:
+    return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+
+
+def _common_folder(sources: list[str]) -> int:
+    """Length of the folder prefix (through its last "/") that every source shares."""
+    prefix = os.path.commonprefix(sources) if sources else ""
+    return prefix.rfind("/") + 1
 
 
 def assign_splits(listing: pa.Table, val: float, test: float, seed: int) -> dict[str, list[int]]:
-    """Stratified, seeded split: per class, rows ranked by hash(seed, source); the
-    first round(n*test) go to test, the next round(n*val) to val, the rest to train.
-    Returns row indices per split, each ordered by rank (so shards mix classes)."""
+    """Stratified, seeded split: per class, rows ranked by hash(seed, name), where a
+    source's name is its URI without the folder all sources share (``<class>/<file>``
+    for an ImageFolder), so the same images give the same split wherever they are
+    stored; the first round(n*test) go to test, the next round(n*val) to val, the rest
+    to train. Returns row indices per split, each ordered by rank (so shards mix classes)."""
     sources = listing.column("source").to_pylist()
     labels = listing.column("label_name").to_pylist()
+    cut = _common_folder(sources)
     by_class: dict[str, list[tuple[str, int]]] = {}
     for i, (s, c) in enumerate(zip(sources, labels)):
-        by_class.setdefault(c, []).append((_rank(seed, s), i))
+        by_class.setdefault(c, []).append((_rank(seed, s[cut:]), i))
     out: dict[str, list[tuple[str, int]]] = {k: [] for k in SPLITS}
     for members in by_class.values():
         members.sort()
