@@ -35,13 +35,26 @@ def _complete(partition):
     storage.write_bytes(os.path.join(str(partition), names.PARTITION_COMPLETE), b"")
 
 
+def _label_studio_export(images, dst):
+    """A Label Studio JSON export labelling every PNG under ``images`` (<class>/<i>.png)."""
+    tasks = [{"id": i, "data": {"image": str(p)},
+              "annotations": [{"was_cancelled": False,
+                               "result": [{"from_name": "choice", "to_name": "image", "type": "choices",
+                                           "value": {"choices": [p.parent.name]}}]}]}
+             for i, p in enumerate(sorted(images.rglob("*.png")))]
+    storage.write_bytes(str(dst), json.dumps(tasks).encode())
+
+
 @pytest.mark.slow  # 200 s in CI: two full nights (pack, train, gate, re-score)
 @pytest.mark.timeout(900)
 def test_two_nights(tmp_path, ray_local):
     base_imgs, incoming = tmp_path / "images", tmp_path / "incoming"
     _write(str(base_imgs), 0, 200)
     _write(str(incoming / "dt=2026-01-01"), 200, 300)
-    _write(str(incoming / "dt=2026-01-02"), 300, 400)
+    # night 2 arrives as labels coming back from annotation: a Label Studio JSON export at the
+    # top of the partition naming images stored elsewhere (the review -> label -> retrain loop)
+    _write(str(tmp_path / "labelled"), 300, 400)
+    _label_studio_export(tmp_path / "labelled", incoming / "dt=2026-01-02" / "export.json")
     _complete(incoming / "dt=2026-01-01")
     _complete(incoming / "dt=2026-01-02")
     cfg = small_config(data={"incoming": str(incoming), "manifest": str(tmp_path / "base")},
@@ -60,6 +73,7 @@ def test_two_nights(tmp_path, ray_local):
 
     night2 = retrain.run(cfg, "2026-01-02", quiet=True)
     assert night2["warm_start"] == "digits@v1" and night2["challenger"] == "digits@v2"
+    assert night2["new_images"] == 100  # every annotated image of the export
     assert night2["train_images"] == base.rows("train") + 200
     v2 = registry.show(cfg.registry.uri, "digits@v2")
     assert v2["parent"] == "digits@v1" and v2["gate"]["promoted"] == night2["promoted"]
@@ -75,7 +89,7 @@ def test_two_nights(tmp_path, ray_local):
     again = retrain.run(cfg, "2026-01-02", quiet=True)
     assert again["already_done"] is True and "nothing changed" in again["message"]
     assert len(registry.list_versions(cfg.registry.uri, "digits")["versions"]) == 2
-    assert again["partition"]["files"] == 100
+    assert again["partition"]["files"] == 1  # the export
 
     # an image that lands in a trained night's partition is refused, not silently skipped
     _write(str(incoming / "dt=2026-01-01"), 400, 401)
