@@ -79,3 +79,22 @@ def test_make_images_smoke(tmp_path):
 
     with Image.open(files[0]) as im:
         assert im.size == (500, 375) and im.format == "JPEG"
+
+
+def test_ablation_smoke(tmp_path):
+    """benchmarks/ablation.py: one JSON line per cell of init x augment, appended too; the table on stderr."""
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--smoke",
+                           "--results", str(results)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["init"], r["augment"]) for r in rows] == [("imagenet", "on"), ("imagenet", "off"),
+                                                         ("scratch", "on"), ("scratch", "off")]
+    for r in rows:
+        assert r["name"] == "ablation_efficientnet_lite0_digits" and r["mode"] == "smoke"
+        assert r["images_per_class"] == 2 and r["seeds"] == [0] and len(r["per_seed"]) == 1
+        assert 0.0 <= r["accuracy_min"] <= r["accuracy_mean"] <= r["accuracy_max"] <= 1.0
+        assert r["augment_recipe"] == {"preset": "digits", "pad": 4, "rotation": 10.0}  # 2 px at 16 px, scaled to 32
+        assert r["test_images"] == 50 and r["seconds"] > 0
+    assert [json.loads(line) for line in results.read_text().splitlines()] == rows
+    assert "| labels per class | init | augment |" in proc.stderr and proc.stderr.count("| 2 |") == 4
