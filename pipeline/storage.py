@@ -55,6 +55,7 @@ import os
 import posixpath
 import random
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -543,11 +544,14 @@ class FileInfo:
     version: str
 
 
+LIST_PAGE_KEYS = 1000  # keys per list_objects_v2 request (S3's maximum): one page in memory at a time
+
+
 def iter_files(prefix: str, suffixes: tuple[str, ...] | None = None,
                opts: StorageOptions | None = None) -> Iterator[FileInfo]:
     """Yield every file under ``prefix``, recursively, in sorted key order, streaming.
 
-    S3 is listed page by page (1,000 keys a request) so memory stays flat for any
+    S3 is listed page by page (:data:`LIST_PAGE_KEYS` a request) so memory stays flat for any
     prefix size; a local tree is walked with ``os.scandir``. Names starting with '.'
     or '_' (temp files, ``_SUCCESS``, ``_errors``) are skipped. ``suffixes`` filters
     on the lower-cased name.
@@ -583,7 +587,7 @@ def _iter_s3(fs: Any, prefix: str, path: str, keep: Callable[[str], bool],
     token: str | None = None
     found = False
     while True:
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": 1000}
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": LIST_PAGE_KEYS}
         if token:
             kwargs["ContinuationToken"] = token
         page = retry(functools.partial(fs.call_s3, "list_objects_v2", **kwargs), prefix, opts)
@@ -605,14 +609,21 @@ def _iter_s3(fs: Any, prefix: str, path: str, keep: Callable[[str], bool],
 
 
 def _walk_local(root: str, keep: Callable[[str], bool]) -> Iterator[FileInfo]:
-    entries = sorted(os.scandir(root), key=lambda e: e.name)
-    for e in entries:
-        if e.is_dir(follow_symlinks=True):
-            if not e.name.startswith((".", "_")):
-                yield from _walk_local(e.path, keep)
-        elif keep(e.name):
-            st = e.stat()
-            yield FileInfo(e.path, st.st_size, str(st.st_mtime_ns))
+    # a folder's sorted names (~100 B each), not its DirEntry objects (~400 B each): the
+    # one list a walk holds is one folder's, and a folder may hold millions of images
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:  # a broken link, or gone since the listing: as before, only an image fails
+            if keep(name):
+                raise
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if not name.startswith((".", "_")):
+                yield from _walk_local(path, keep)
+        elif keep(name):
+            yield FileInfo(path, st.st_size, str(st.st_mtime_ns))
 
 
 def pyarrow_filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:

@@ -98,3 +98,11 @@ def test_ablation_smoke(tmp_path):
         assert r["test_images"] == 50 and r["seconds"] > 0
     assert [json.loads(line) for line in results.read_text().splitlines()] == rows
     assert "| labels per class | init | augment |" in proc.stderr and proc.stderr.count("| 2 |") == 4
+
+
+def test_scale_smoke(tmp_path):
+    """benchmarks/scale.py: predict at two small sizes, each line with its phases and its
+    growth against the smallest size."""
+    lines = _run("scale.py", tmp_path)
+    assert len(lines) == 2
+    assert "rss_growth" in lines[1] and "s_per_image_ratio" in lines[1]

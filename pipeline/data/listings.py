@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.data.shardset import (
@@ -43,6 +47,10 @@ SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a split name: no '/', so never par
 
 # predict's input listing (also its run-state snapshot); version: ETag on S3, mtime locally
 LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+# rows per chunk of a streamed listing and per row group of its snapshot: what the driver
+# holds at once while listing (~200 B a row in Python lists: ~3 MB), and the rows one read
+# task of predict takes (pipeline.inference.tasks.read_snapshot)
+LISTING_GROUP = 16_384
 # pack's source listing; origin "<shard uri>#<row>" when the bytes come from a packed shard
 SOURCE_SCHEMA = pa.schema([("source", pa.string()), ("label_name", pa.string()), ("size", pa.int64()),
                            ("origin", pa.string()), ("origin_sha256", pa.string())])
@@ -231,24 +239,70 @@ def _list_shard_set(root: str) -> pa.Table:
 
 def read_input(src: str) -> tuple[pa.Table, Manifest | None, str | None]:
     """``imgpipe predict``'s input: ``(listing, None, None)`` with a :data:`LISTING_SCHEMA`
-    listing, or ``(empty table, manifest, split)`` for ``DATASET:split``."""
+    listing, or ``(empty table, manifest, split)`` for ``DATASET:split``. The whole
+    listing in memory: predict streams it instead (:func:`write_input_listing`)."""
     source = parse(src)
     if source.kind == "split":
         m = read_manifest(source.uri)
         m.check_split(source.split)
         return pa.table({"uri": pa.array([], pa.string())}), m, source.split
+    return pa.Table.from_batches(list(iter_input(src)), LISTING_SCHEMA), None, None
+
+
+def iter_input(src: str) -> Iterator[pa.RecordBatch]:
+    """predict's listing of ``src`` (a prefix or a listing file, not ``DATASET:split``) as
+    :data:`LISTING_SCHEMA` batches of at most :data:`LISTING_GROUP` rows, streamed: a
+    prefix is listed page by page (:func:`pipeline.storage.iter_files`), so memory holds
+    one batch, whatever the number of images. UserError (exit 2) when ``src`` is missing,
+    is a packed dataset, or holds no images."""
+    source = parse(src)
     if source.kind == "listing":
-        listing = _input_listing(read_listing(src, required=("uri",)))
+        batches = _input_listing(read_listing(src, required=("uri",))).to_batches(LISTING_GROUP)
     elif source.kind == "shards":
         raise UserError(f"no images found in {src}: it is a packed dataset; name one split, "
                         f"e.g. {src}:test (valid: {', '.join(read_manifest(src).splits)})")
-    elif not storage.exists(src):
+    elif source.kind == "split" or not storage.exists(src):
         raise UserError(f"input not found: {src}")
     else:
-        listing = _list_files(src)
-    if listing.num_rows == 0:
+        batches = _list_files(src)
+    rows = 0
+    for b in batches:
+        rows += b.num_rows
+        if b.num_rows:
+            yield b
+    if rows == 0:
         raise UserError(f"no images found in {src} (suffixes: {', '.join(IMAGE_SUFFIXES)})")
-    return listing, None, None
+
+
+def write_input_listing(src: str, uri: str) -> int:
+    """Stream predict's listing of ``src`` (:func:`iter_input`) into one Parquet file at
+    ``uri`` (row groups of :data:`LISTING_GROUP` rows, written atomically); returns its
+    rows. The driver holds one chunk at a time, plus the file's footer."""
+    rows = 0
+    with tempfile.TemporaryDirectory(prefix="imgpipe-listing-") as tmp:
+        path = os.path.join(tmp, "listing.pq")
+        # no column statistics: min/max URIs per row group would only grow the footer
+        with pq.ParquetWriter(path, LISTING_SCHEMA, write_statistics=False) as w:
+            for b in iter_input(src):
+                w.write_batch(b, row_group_size=LISTING_GROUP)
+                rows += b.num_rows
+        storage.upload_file(path, uri)
+    return rows
+
+
+def snapshot_shape(uri: str) -> tuple[int, int]:
+    """(rows, row groups) of a listing snapshot, from its footer alone."""
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        meta = pq.read_metadata(f)
+    return meta.num_rows, meta.num_row_groups
+
+
+def read_snapshot_group(uri: str, group: int, columns: list[str] | None = None) -> pa.Table:
+    """Row group ``group`` of a listing snapshot: one ranged read, not the whole file."""
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read_row_group(group, columns=columns)
 
 
 def _input_listing(t: pa.Table) -> pa.Table:
@@ -259,10 +313,13 @@ def _input_listing(t: pa.Table) -> pa.Table:
                      "version": version.cast(pa.string())})
 
 
-def _list_files(prefix: str) -> pa.Table:
-    uris, sizes, versions = [], [], []  # three flat lists: millions of FileInfo objects cost more
+def _list_files(prefix: str) -> Iterator[pa.RecordBatch]:
+    uris, sizes, versions = [], [], []  # three flat lists of one chunk: FileInfo objects cost more
     for f in storage.iter_files(prefix, IMAGE_SUFFIXES):
         uris.append(f.uri)
         sizes.append(f.size)
         versions.append(f.version)
-    return pa.table({"uri": uris, "size": sizes, "version": versions}, schema=LISTING_SCHEMA)
+        if len(uris) == LISTING_GROUP:
+            yield pa.record_batch([uris, sizes, versions], schema=LISTING_SCHEMA)
+            uris, sizes, versions = [], [], []
+    yield pa.record_batch([uris, sizes, versions], schema=LISTING_SCHEMA)

@@ -5,7 +5,7 @@
 both build their job from these stages (the read tasks are in
 :mod:`pipeline.inference.tasks`, which stays free of torch)::
 
-    tasks.read_listing | tasks.read_split  -> rows: source, bytes, image_id, error, truth
+    tasks.read_snapshot | tasks.read_split  -> rows: source, bytes, image_id, error, truth
       -> DecodeActor (CPU pool)             -> + image: uint8 N x 3 x S x S (transforms.EvalTransform)
       -> ModelActor (model pool; one GPU each with predict.num_gpus; with predict.gpu_decode
          it decodes the bytes itself, transforms.decode_batch on its device, and there

@@ -32,6 +32,11 @@ already scored with the same model version, when their size/ETag/mtime did not c
 (nightly runs over a growing prefix cost only the new images). The commit step keeps
 exactly one row per input source and deletes files it does not list.
 
+Memory does not grow with the input (issue #18): the listing is streamed into the snapshot
+in row groups (:func:`pipeline.data.listings.write_input_listing`) that the read tasks read
+one each (:func:`pipeline.inference.tasks.read_snapshot`), and Ray Data may hold at most
+:func:`store_budget` bytes of rows in the object store.
+
 Bad images are quarantined; the run fails (nothing committed) only when more than
 ``predict.max_bad_fraction`` of the images and at least ``predict.max_bad_min_count``
 of them are bad. Errors inside Ray tasks reach the user as their cause
@@ -45,7 +50,7 @@ import io
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -69,6 +74,16 @@ from pipeline.report import report
 log = logging.getLogger("imgpipe")
 
 LEGACY_STATE = ("listing.parquet", "committed_listing.parquet")  # _state/ tables before the .pq names
+# Ray Data's object-store budget for one run (issue #18): without it Ray Data may buffer up
+# to half the object store (GBs) of read and decoded rows ahead of the model, so a run's
+# peak memory grew with its number of images until that cap. The budget holds
+# STORE_BATCHES model batches per model actor, an image counted as its decoded uint8
+# input plus STORED_IMAGE_BYTES of encoded bytes and ids, and never less than STORE_MIN_BYTES;
+# plus one output file's scored rows (the writer waits for predict.rows_per_file of them).
+STORE_BATCHES = 8
+STORED_IMAGE_BYTES = 16 * 1024
+STORE_MIN_BYTES = 64 * 2**20
+SCORED_ROW_BYTES = 1024  # a scored row: ids, source, top-k labels, scores and names
 BAD_SHOWN = 10  # bad images named in the summary, _SUCCESS and the log
 
 
@@ -78,14 +93,15 @@ class Attempt:
 
     run_id: str
     resuming: bool
-    listing: pa.Table | None  # uri, size, version; None for ``DATASET:split`` input
+    listing: str | None  # the listing snapshot (uri, size, version); None for ``DATASET:split`` input
     manifest: Manifest | None
     split: str | None
+    rows: int = 0  # in the listing snapshot
 
     @property
     def total(self) -> int:
         """Images in the input."""
-        return self.manifest.rows(self.split) if self.manifest is not None else self.listing.num_rows
+        return self.manifest.rows(self.split) if self.manifest is not None else self.rows
 
 
 @dataclass
@@ -118,12 +134,27 @@ class Job:
     model_ref: str = ""  # --model as given (NAME@champion, NAME@vN, a URI)
     resumed: int = 0  # of ``skip``: sources an interrupted attempt already scored (uncommitted parts)
     scoring_s: float = 0.0  # seconds spent scoring in this run (the rate's denominator)
+    laps: Laps | None = None  # seconds by phase
+
+
+@dataclass
+class Laps:
+    """Seconds by phase of one run, contiguous from its start: each :meth:`lap` ends the
+    phase named and starts the next (``phase_seconds`` in the summary)."""
+
+    t: float  # time.time() when the current phase began
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.t, 3)
+        self.t = now
 
 
 # --------------------------------------------------------------------- planning
 
 
-def _begin(dst: str, src: str, scorer: actors.Scorer) -> Attempt:
+def _begin(dst: str, src: str, scorer: actors.Scorer, laps: Laps) -> Attempt:
     """Resume the crashed attempt on the same input and model, or start a new one
     (snapshotting its listing first)."""
     state = storage.join(dst, STATE_DIR)
@@ -131,21 +162,24 @@ def _begin(dst: str, src: str, scorer: actors.Scorer) -> Attempt:
     prev = storage.read_json(attempt_uri) if storage.exists(attempt_uri) else None
     resuming = bool(prev and not prev.get("committed") and prev.get("model") == scorer.name
                     and prev.get("input") == src)
+    manifest, split, rows = None, None, 0
     if resuming and prev.get("listing") and storage.exists(listing_uri):
-        listing, manifest, split = storage.read_table(listing_uri), None, None
-        log.info("predict: resuming run %s (reusing its listing of %d images)", prev["run_id"], listing.num_rows)
-    else:
-        listing, manifest, split = listings.read_input(src)
-    if manifest is not None and list(manifest.classes) != scorer.classes:
-        raise UserError(f"model {scorer.name} classes {scorer.classes} do not match dataset classes "
-                        f"{manifest.classes}")
+        rows, _ = listings.snapshot_shape(listing_uri)
+        log.info("predict: resuming run %s (reusing its listing of %d images)", prev["run_id"], rows)
+    elif listings.parse(src).kind == "split":
+        _, manifest, split = listings.read_input(src)
+        if list(manifest.classes) != scorer.classes:
+            raise UserError(f"model {scorer.name} classes {scorer.classes} do not match dataset classes "
+                            f"{manifest.classes}")
+    else:  # streamed into the snapshot, never whole in memory (the snapshot is the listing)
+        rows = listings.write_input_listing(src, listing_uri)
+    laps.lap("listing")
     run_id = prev["run_id"] if resuming else uuid.uuid4().hex[:12]
     if not resuming:
-        if manifest is None:
-            storage.write_table(listing_uri, listing)
         storage.write_json(attempt_uri, {"run_id": run_id, "model": scorer.name, "input": src, "committed": False,
                                          "listing": manifest is None, "started": time.time()})
-    return Attempt(run_id, resuming, listing if manifest is None else None, manifest, split)
+    laps.lap("snapshot")
+    return Attempt(run_id, resuming, listing_uri if manifest is None else None, manifest, split, rows)
 
 
 def _is_part(name: str, error_dir: bool) -> bool:
@@ -190,9 +224,10 @@ def _unchanged(dst: str, attempt: Attempt, before: Existing, model_name: str) ->
     prev_uri = storage.join(dst, STATE_DIR, names.PREDICT_COMMITTED_LISTING)
     if not storage.exists(prev_uri):
         return set()
-    prev = storage.read_table(prev_uri)
+    prev = storage.read_table(prev_uri, ["uri", "version"])
     prev_version = dict(zip(prev.column("uri").to_pylist(), prev.column("version").to_pylist()))
-    now = zip(attempt.listing.column("uri").to_pylist(), attempt.listing.column("version").to_pylist())
+    listing = storage.read_table(attempt.listing, ["uri", "version"])
+    now = zip(listing.column("uri").to_pylist(), listing.column("version").to_pylist())
     return {u for u, v in now if prev_version.get(u) == v and u in before.done}
 
 
@@ -235,11 +270,13 @@ def _replaces(dst: str, before: Existing, scorer: actors.Scorer, topk: int, mode
                     "(readers see the old or the new set, never a mix), or choose another --output")
 
 
-def _plan(model_ref: str, src: str, dst: str, scorer: actors.Scorer, cfg: Config, t0: float) -> Job:
+def _plan(model_ref: str, src: str, dst: str, scorer: actors.Scorer, cfg: Config, t0: float,
+          laps: Laps) -> Job:
     topk = max(1, min(cfg.predict.topk, len(scorer.classes)))
     before = _existing(dst, scorer.name)
     replace = _replaces(dst, before, scorer, topk, model_ref, cfg)  # before any write: a refusal changes nothing
-    attempt = _begin(dst, src, scorer)
+    laps.lap("existing")
+    attempt = _begin(dst, src, scorer, laps)
     pending: set[str] = set()
     if attempt.resuming:
         pending = {f for f, m in before.files.items() if f not in before.committed and m == scorer.name}
@@ -247,7 +284,8 @@ def _plan(model_ref: str, src: str, dst: str, scorer: actors.Scorer, cfg: Config
     resumed = len(skip)
     if cfg.predict.skip_existing and not replace:
         skip |= _unchanged(dst, attempt, before, scorer.name)
-    return Job(src, dst, scorer, attempt, before, pending, skip, t0, topk, replace, model_ref, resumed)
+    laps.lap("skip")
+    return Job(src, dst, scorer, attempt, before, pending, skip, t0, topk, replace, model_ref, resumed, laps=laps)
 
 
 # ---------------------------------------------------------------------- scoring
@@ -258,11 +296,9 @@ def _input(job: Job, opts: storage.StorageOptions) -> ray.data.Dataset | None:
     a = job.attempt
     if a.manifest is not None:
         return tasks.read_split(a.manifest, a.split, frozenset(job.skip))
-    todo = a.listing
-    if job.skip:
-        todo = todo.filter(pc.invert(pc.is_in(todo.column("uri"), value_set=pa.array(sorted(job.skip), pa.string()))))
-    todo = todo.append_column("truth", pa.array([-1] * todo.num_rows, pa.int32()))
-    return tasks.read_listing(todo, opts)
+    if a.rows <= len(job.skip):  # every listed source is skipped (skip holds listed sources only)
+        return None
+    return tasks.read_snapshot(a.listing, job.skip, opts)
 
 
 def _rows(ds: ray.data.Dataset, dog: Watchdog):
@@ -278,6 +314,14 @@ def _rows(ds: ray.data.Dataset, dog: Watchdog):
             close()
 
 
+def store_budget(cfg: Config, image_size: int) -> int:
+    """Bytes of Ray Data blocks one predict run may hold in the object store at once."""
+    p = cfg.predict
+    per_image = 3 * image_size * image_size + STORED_IMAGE_BYTES
+    ahead = max(STORE_MIN_BYTES, STORE_BATCHES * p.batch_size * p.model_actors * per_image)
+    return ahead + p.rows_per_file * SCORED_ROW_BYTES
+
+
 def _score(ds: ray.data.Dataset, job: Job, cfg: Config, res: PredictResources, quiet: bool) -> list[dict[str, Any]]:
     """Run the job; one result row (see :func:`pipeline.inference.tasks.write_part`) per part
     file written. An error inside a task or actor is raised as its cause (exit 2 for bad
@@ -290,6 +334,9 @@ def _score(ds: ray.data.Dataset, job: Job, cfg: Config, res: PredictResources, q
         tasks.write_part, fn_kwargs={"dst": job.dst, "model_name": job.scorer.name, "run_id": job.attempt.run_id,
                                      "opts": opts},
         batch_size=p.rows_per_file, num_cpus=READ_TASK_CPUS)
+    # a fixed budget, whatever the number of images: the queues ahead of the model stay bounded
+    ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
+        object_store_memory=store_budget(cfg, job.scorer.image_size))
     results: list[dict[str, Any]] = []
     t_run = time.time()
     # one bar per run: images done / total (those already scored count as done from the
@@ -330,11 +377,15 @@ def run(model_ref: str, src: str, dst: str, cfg: Config, quiet: bool = False) ->
     dst = storage.normalize(dst)
     _refuse_file(dst)
     scorer = actors.load_scorer(model_ref, cfg)  # fail at start (exit 2) if the model is unusable
+    laps = Laps(t0)
+    laps.lap("model")
     with lease.hold(dst, what="predict output", ttl_s=cfg.ray.lease_ttl_s) as held:
-        job = _plan(model_ref, src, dst, scorer, cfg, t0)
+        job = _plan(model_ref, src, dst, scorer, cfg, t0, laps)
         res = actors.start(cfg, scorer, "predict", quiet)
+        laps.lap("start")
         ds = _input(job, storage.default_options())
         results = _score(ds, job, cfg, res, quiet) if ds is not None else []
+        laps.lap("scoring")
         return _commit(job, results, cfg, held)
 
 
@@ -406,8 +457,8 @@ def _write_commit(job: Job, summary: dict[str, Any]) -> None:
     the files it does not list (older runs', another model's, a crashed attempt's)."""
     storage.write_json(storage.join(job.dst, SUCCESS), summary)
     state = storage.join(job.dst, STATE_DIR)
-    if job.attempt.listing is not None:
-        storage.write_table(storage.join(state, names.PREDICT_COMMITTED_LISTING), job.attempt.listing)
+    if job.attempt.listing is not None:  # the snapshot's stored bytes (~20 B an image), never decoded into rows
+        storage.write_bytes(storage.join(state, names.PREDICT_COMMITTED_LISTING), storage.read_bytes(job.attempt.listing))
     else:  # DATASET:split input: no listing to compare with next time
         storage.remove(storage.join(state, names.PREDICT_COMMITTED_LISTING))
     storage.write_json(storage.join(state, names.PREDICT_ATTEMPT), {"run_id": job.attempt.run_id, "model": job.scorer.name,
@@ -458,7 +509,10 @@ def _commit(job: Job, results: list[dict[str, Any]], cfg: Config, held: lease.He
     labelled = sum(r["labelled"] for r in results)
     if labelled:
         out["accuracy"] = round(sum(r["correct"] for r in results) / labelled, 6)
+    job.laps.lap("commit")
     out["report"] = report.write_predict_report(job.dst)
+    job.laps.lap("report")
+    out["phase_seconds"] = dict(job.laps.seconds)
     log.info("predict: %d rows, %d errors in %d files -> %s (%.1fs); %s", rows, errors, len(files), job.dst,
              seconds, rate_line(scored, job))
     return out

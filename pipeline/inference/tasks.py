@@ -1,7 +1,7 @@
 """The light Ray Data tasks of the inference path (no torch, so their workers start fast):
 reading input rows, and writing the predictions files.
 
-Input rows, from :func:`read_listing` (stored images) or :func:`read_split` (a packed
+Input rows, from :func:`read_snapshot` (stored images) or :func:`read_split` (a packed
 split): ``source``, ``bytes``, ``image_id`` (sha256 of the bytes), ``error`` (``""``
 or ``"reason: message"``), ``truth`` (class index, -1 when unknown). They go on to
 :mod:`pipeline.inference.actors`; :func:`write_part` writes what the model actors return.
@@ -14,16 +14,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray.data
 
 from pipeline import storage
-from pipeline.data import shardset, stream
+from pipeline.data import listings, shardset, stream
 from pipeline.data.shardset import Manifest
 from pipeline.names import ERRORS_DIR, PREDICT_SIDE_TABLE
 from pipeline.ops.runtime import READ_TASK_CPUS
 
 READ_BATCH = 64  # images per read / decode call; threads inside a read overlap S3 latency
-LISTING_BLOCK = READ_BATCH * 16  # listing rows per input block of a read task
 PRED_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source", pa.string()), ("label", pa.int32()),
     ("label_name", pa.string()), ("score", pa.float32()), ("topk_labels", pa.list_(pa.int32())),
@@ -55,15 +55,33 @@ def read_objects(batch: dict[str, np.ndarray], opts: storage.StorageOptions) -> 
             "error": np.array(errors, dtype=object), "truth": batch["truth"]}
 
 
-def read_listing(listing: pa.Table, opts: storage.StorageOptions) -> ray.data.Dataset | None:
-    """Stored images named by ``listing`` (columns ``uri``, ``truth``); None when empty.
-    A task's error (e.g. :class:`pipeline.storage.Forbidden`) reaches the consumer as
-    itself, not as Ray Data's UserCodeException (see :func:`pipeline.data.stream.read_split`)."""
-    if listing.num_rows == 0:
-        return None
-    blocks = [listing.slice(i, LISTING_BLOCK) for i in range(0, listing.num_rows, LISTING_BLOCK)]
-    ds = ray.data.from_arrow(blocks)
+def snapshot_rows(batch: dict[str, np.ndarray], uri: str, skip: pa.Array,
+                  opts: storage.StorageOptions) -> dict[str, np.ndarray]:
+    """Ray Data task: the listing snapshot's row groups named by ``batch["id"]`` (one
+    ranged read each), less the sources in ``skip``, as ``uri``, ``truth`` (-1) rows."""
+    storage.configure(opts)
+    uris = [listings.read_snapshot_group(uri, int(g), ["uri"]).column("uri") for g in batch["id"]]
+    col = pa.chunked_array(uris, pa.string()).combine_chunks()
+    if len(skip):
+        col = col.filter(pc.invert(pc.is_in(col, value_set=skip)))
+    return {"uri": col.to_numpy(zero_copy_only=False), "truth": np.full(len(col), -1, dtype=np.int32)}
+
+
+def read_snapshot(uri: str, skip: set[str], opts: storage.StorageOptions) -> ray.data.Dataset:
+    """Stored images named by the listing snapshot at ``uri``
+    (:func:`pipeline.data.listings.write_input_listing`), less the sources in ``skip``.
+    The driver holds neither the listing nor its rows: each task reads one row group
+    (:data:`pipeline.data.listings.LISTING_GROUP` rows) itself. A task's error (e.g.
+    :class:`pipeline.storage.Forbidden`) reaches the consumer as itself, not as Ray
+    Data's UserCodeException (see :func:`pipeline.data.stream.read_split`)."""
+    _, groups = listings.snapshot_shape(uri)
+    # the group numbers as in-memory blocks (a few bytes each): no read task, which would
+    # ask for a whole CPU that predict's actors may hold
+    ds = ray.data.from_items([{"id": g} for g in range(groups)], override_num_blocks=max(groups, 1))
     ds.context.raise_original_map_exception = True
+    skipped = pa.array(sorted(skip), pa.string())  # Arrow: ~70 B a source against ~150 in a set
+    ds = ds.map_batches(snapshot_rows, fn_kwargs={"uri": uri, "skip": skipped, "opts": opts}, batch_size=1,
+                        num_cpus=READ_TASK_CPUS)
     return ds.map_batches(read_objects, fn_kwargs={"opts": opts}, batch_size=READ_BATCH, num_cpus=READ_TASK_CPUS)
 
 

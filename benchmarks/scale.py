@@ -1,0 +1,298 @@
+"""scale: ``imgpipe predict`` at growing sizes (issue #18): seconds per image and peak RSS
+of the whole process tree, by phase, against the smallest size; and listing S3 keys.
+
+1. ``--part predict`` (default): for each size of ``--n``, that many tiny JPEGs (~1 KB
+   32x32, copies of a bank of 200 images from ``make_images.py``, written once and cached
+   under ``$IMGPIPE_BENCH_CACHE``) through :func:`pipeline.inference.predict.run` with the
+   small CNN, in a fresh child process with a fresh local Ray instance. The parent samples
+   every process of the child's tree every 0.5 s (RSS, and its shared-memory part: Ray's
+   object store pages) and splits the peaks by predict's phases (``phase_seconds`` of
+   the summary: model, existing, listing, snapshot, skip, start, scoring, commit,
+   report). Each line after the first gives ``rss_growth`` and ``s_per_image_ratio``
+   against the smallest size (targets: <= 1.2x and <= 1.15x from 10^5 to 10^6).
+2. ``--part listing``: ``--n`` keys put into a moto S3 server on 127.0.0.1 (a child
+   process, outside the figures), then predict's listing of that prefix
+   (:func:`pipeline.data.listings.write_input_listing`: streamed, paginated, written to a
+   Parquet snapshot in row groups) in a child process: seconds and peak RSS against the
+   smallest size, and the driver's growth per key.
+
+    python benchmarks/scale.py --n 100000 1000000            # item 1 (the 10^6 run: ~25 min on 2 cores)
+    python benchmarks/scale.py --n 20000 100000
+    python benchmarks/scale.py --part listing --n 10000 100000        # from moto S3
+    python benchmarks/scale.py --part listing --local --n 20000 100000
+    python benchmarks/scale.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import make_images  # noqa: E402
+import predict as predict_bench  # noqa: E402
+
+BANK = 200  # distinct JPEGs the tiny sets are copied from
+CLASSES = 10
+INTERVAL_S = 0.5
+
+
+# -------------------------------------------------------------------------- images
+
+
+def tiny_images(n: int) -> str:
+    """A local ImageFolder of ``n`` ~1 KB JPEGs (``cXX/NNNNNNN.jpg``), cached."""
+    root = os.path.join(os.environ.get("IMGPIPE_BENCH_CACHE", "/tmp/imgpipe-bench-images"), f"tiny-n{n}")
+    marker = os.path.join(root, ".complete")
+    if os.path.exists(marker):
+        return root
+    bank_dir = make_images.images(BANK, "small")
+    bank = []
+    for d, _, files in sorted(os.walk(bank_dir)):
+        bank += [open(os.path.join(d, f), "rb").read() for f in sorted(files) if f.endswith(".jpg")]
+    shutil.rmtree(root, ignore_errors=True)
+    for c in range(CLASSES):
+        os.makedirs(os.path.join(root, f"c{c:02d}"))
+    for i in range(n):
+        with open(os.path.join(root, f"c{i % CLASSES:02d}", f"{i:07d}.jpg"), "wb") as f:
+            f.write(bank[i % len(bank)])
+    with open(marker, "w") as f:
+        json.dump({"n": n, "bank": len(bank)}, f)
+    return root
+
+
+# ------------------------------------------------------------------------- sampler
+
+
+def _status_kb(pid: int) -> tuple[float, float]:
+    """(RSS, its shared-memory part) of ``pid`` in MB, from /proc/PID/status."""
+    rss = shm = 0.0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) / 1024
+                elif line.startswith("RssShmem:"):
+                    shm = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return rss, shm
+
+
+class Timeline:
+    """Samples a process tree every :data:`INTERVAL_S`: time, whole tree, driver (the
+    root), Ray workers, private memory (RSS less shared pages, summed) and the largest
+    shared part of one process (object store pages it touched)."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.rows = root, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        psutil = common._psutil()
+        try:
+            me = psutil.Process(self.root)
+            procs = [me, *me.children(recursive=True)]
+        except psutil.Error:
+            return
+        total = driver = workers = private = shm_max = 0.0
+        for p in procs:
+            try:
+                name = p.name()
+            except psutil.Error:
+                continue
+            rss, shm = _status_kb(p.pid)
+            total += rss
+            private += rss - shm
+            shm_max = max(shm_max, shm)
+            if p.pid == self.root:
+                driver = rss
+            elif name.startswith("ray::") and not name.startswith(common.RAY_SYSTEM):
+                workers += rss
+        self.rows.append((time.time(), total, driver, workers, private, shm_max))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(INTERVAL_S)
+
+    def __enter__(self) -> Timeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peaks(self, t0: float = 0.0, t1: float = float("inf")) -> dict[str, float]:
+        rows = [r for r in self.rows if t0 <= r[0] <= t1] or [(0, 0, 0, 0, 0, 0)]
+        keys = ("peak_rss_mb", "peak_driver_rss_mb", "peak_workers_rss_mb", "peak_private_mb", "peak_shared_mb")
+        return {k: round(max(r[i + 1] for r in rows), 1) for i, k in enumerate(keys)}
+
+
+def run_child(args: argparse.Namespace, state: dict) -> tuple[dict, Timeline]:
+    """This script in ``--side ours`` mode on ``state``; its result and its tree's timeline."""
+    path = os.path.join(args.workdir, f"state-{time.time_ns()}.json")
+    with open(path, "w") as f:
+        json.dump(state, f)
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--workdir", args.workdir, "--side", "ours",
+           "--state", path, "--side-result", path + ".out"]
+    proc = subprocess.Popen(cmd)
+    with Timeline(proc.pid) as tl:
+        rc = proc.wait()
+    if rc:
+        raise RuntimeError(f"child failed (exit {rc}): {' '.join(cmd)}")
+    with open(path + ".out") as f:
+        return json.load(f), tl
+
+
+# ------------------------------------------------------------------------- predict
+
+
+def predict_child(args: argparse.Namespace, state: dict) -> dict:
+    from pipeline import config
+    from pipeline.inference import predict
+
+    ray_s = common.start_ray(args.cpus)
+    t_start = time.time()
+    s = predict.run(state["model"], state["src"], state["dst"],
+                    config.load(None, [f"ray.num_cpus={args.cpus}", *args.set]), quiet=True)
+    return {"t_start": t_start, "seconds": time.time() - t_start, "ray_start": ray_s,
+            "images": s["rows"] + s["errors"], "phase_seconds": s["phase_seconds"]}
+
+
+def phase_peaks(res: dict, tl: Timeline) -> dict[str, dict[str, float]]:
+    out, t = {}, res["t_start"]
+    for name, sec in res["phase_seconds"].items():
+        out[name] = tl.peaks(t - INTERVAL_S, t + sec + INTERVAL_S)
+        t += sec
+    return out
+
+
+def predict_part(args: argparse.Namespace) -> None:
+    model = predict_bench.make_model(args.workdir, "smallcnn", 32, "digits")
+    first = None
+    for n in args.sizes:
+        with common.Timer() as tg:
+            src = tiny_images(n)
+        common.log(f"predict {n} tiny JPEGs ({src}, ready in {tg.seconds:.0f} s)")
+        res, tl = run_child(args, {"model": model, "src": src, "dst": os.path.join(args.workdir, f"pred-{n}")})
+        assert res["images"] == n, res
+        rec = {"n": n, "seconds": round(res["seconds"], 2), "s_per_image": res["seconds"] / n,
+               "ours_images_per_second": common.rate(n, res["seconds"]), **tl.peaks(),
+               "phase_seconds": res["phase_seconds"], "phase_peaks": phase_peaks(res, tl),
+               "ray_start_seconds": round(res["ray_start"], 2), "cpus": args.cpus, "set": args.set}
+        name = f"scale_predict_n{n}"
+        if first is None:
+            first = rec
+            common.emit({"name": name, **rec, "baseline_images_per_second": None, "ratio": None,
+                         "note": "reference size"}, args)
+            continue
+        growth = {k: round(rec[k] / max(first[k], 1e-9), 3) for k in
+                  ("peak_rss_mb", "peak_driver_rss_mb", "peak_workers_rss_mb", "peak_private_mb", "peak_shared_mb")}
+        common.emit({"name": name, **rec, "baseline_images_per_second": first["ours_images_per_second"],
+                     "ratio": round(rec["ours_images_per_second"] / first["ours_images_per_second"], 3),
+                     "s_per_image_ratio": round(rec["s_per_image"] / first["s_per_image"], 3),
+                     "rss_growth": growth, "note": f"baseline = ours at n={first['n']}"}, args)
+
+
+# ------------------------------------------------------------------------- listing
+
+
+def listing_child(args: argparse.Namespace, state: dict) -> dict:
+    from pipeline import storage
+    from pipeline.data import listings
+
+    if state.get("endpoint"):
+        storage.configure(storage.StorageOptions(endpoint_url=state["endpoint"]))
+    listings.write_input_listing(tiny_images(500), state["dst"] + ".warm")  # imports, first-use caches
+    t0 = time.time()
+    rows = listings.write_input_listing(state["src"], state["dst"])
+    return {"seconds": time.time() - t0, "images": rows}
+
+
+def listing_part(args: argparse.Namespace) -> None:
+    with contextlib.ExitStack() as stack:
+        s3 = None if args.local else stack.enter_context(common.MotoS3())
+        _listing_sizes(args, s3)
+
+
+def _listing_sizes(args: argparse.Namespace, s3: common.MotoS3 | None) -> None:
+    first, done = None, 0
+    where = "s3" if s3 else "local"
+    bucket = s3.bucket("scale")[5:] if s3 else ""
+    for n in args.sizes:
+        if s3:
+            common.log(f"putting keys {done}..{n} into moto")
+            _put_keys_range(bucket, done, n)
+            done = n
+        src = f"s3://{bucket}/imgs" if s3 else tiny_images(n)
+        res, tl = run_child(args, {"endpoint": s3.endpoint if s3 else "", "src": src,
+                                   "dst": os.path.join(args.workdir, f"listing-{n}.pq")})
+        assert res["images"] == n, res
+        rec = {"n": n, "seconds": round(res["seconds"], 2), "keys_per_second": common.rate(n, res["seconds"]),
+               "ours_images_per_second": None, **tl.peaks()}
+        if first is None:
+            first = rec
+            common.emit({"name": f"scale_listing_{where}_n{n}", **rec, "baseline_images_per_second": None,
+                         "ratio": None, "note": "reference size"}, args)
+            continue
+        per_key = (rec["peak_driver_rss_mb"] - first["peak_driver_rss_mb"]) * 2**20 / (n - first["n"])
+        common.emit({"name": f"scale_listing_{where}_n{n}", **rec, "baseline_images_per_second": None,
+                     "ratio": None, "rss_growth": round(rec["peak_rss_mb"] / first["peak_rss_mb"], 3),
+                     "driver_bytes_per_extra_key": round(per_key, 1),
+                     "note": f"growth against n={first['n']}"}, args)
+
+
+def _put_keys_range(bucket: str, lo: int, hi: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    body = b"\xff\xd8" + b"x" * 1000
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"imgs/c{i % CLASSES:02d}/{i:08d}.jpg",
+                                                  Body=body), range(lo, hi)))
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common.parser(__doc__.splitlines()[0], default_n=0, smoke_n=0)
+    p.add_argument("sizes_pos", nargs="*", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=["predict", "listing"], default="predict")
+    p.add_argument("--set", action="append", default=[], help="predict config override key=value")
+    p.add_argument("--local", action="store_true", help="--part listing: tiny JPEGs on local disk, not moto")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    # `--n 100000 1000000` (issue #18's form) as well as `--n 100000,1000000`
+    for i, a in enumerate(raw):
+        if a == "--n":
+            j = i + 1
+            while j + 1 < len(raw) and not raw[j + 1].startswith("-"):
+                raw[i + 1] = f"{raw[i + 1]},{raw.pop(j + 1)}"
+            break
+    args = common.parse(p, raw)
+    if args.sizes == [0]:
+        args.sizes = [500, 1500] if args.smoke else [100_000, 1_000_000]
+    if args.side:
+        state = json.load(open(args.state))
+        out = predict_child(args, state) if args.part == "predict" else listing_child(args, state)
+        with open(args.side_result, "w") as f:
+            json.dump(out, f)
+        return
+    predict_part(args) if args.part == "predict" else listing_part(args)
+
+
+if __name__ == "__main__":
+    main()
