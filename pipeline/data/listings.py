@@ -50,7 +50,7 @@ LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("versio
 # rows per chunk of a streamed listing and per row group of its snapshot: what the driver
 # holds at once while listing (~200 B a row in Python lists: ~3 MB), and the rows one read
 # task of predict takes (pipeline.inference.tasks.read_snapshot)
-LISTING_GROUP = 16_384
+LISTING_GROUP = 4_096
 # pack's source listing; origin "<shard uri>#<row>" when the bytes come from a packed shard
 SOURCE_SCHEMA = pa.schema([("source", pa.string()), ("label_name", pa.string()), ("size", pa.int64()),
                            ("origin", pa.string()), ("origin_sha256", pa.string())])
