@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from pipeline import transforms
@@ -138,18 +137,8 @@ def train_eval(inputs: Inputs, evaluated: torch.Tensor, y: torch.Tensor, tr: np.
             b = order[i:i + batch]
             if len(b) < 2:  # BatchNorm needs more than one sample
                 continue
-            loss = F.cross_entropy(model(inputs(b, epoch)), y[b], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(te), 256):
-            b = torch.from_numpy(te[i:i + 256])
-            correct += int((model(evaluated[b]).argmax(1) == y[b]).sum())
-    return correct / len(te), time.perf_counter() - start
+            transfer.train_step(model, opt, sched, inputs(b, epoch), y[b])
+    return transfer.held_out_accuracy(model, evaluated, y, te), time.perf_counter() - start
 
 
 def cell_row(args: argparse.Namespace, per_class: int, init: str, augment: str, accs: list[float],

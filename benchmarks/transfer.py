@@ -24,6 +24,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,18 +105,29 @@ def train_eval(x: torch.Tensor, y: torch.Tensor, tr: np.ndarray, te: np.ndarray,
             b = order[i:i + batch]
             if len(b) < 2:  # BatchNorm needs more than one sample
                 continue
-            loss = F.cross_entropy(model(shift(xtr[b], max_px, gen)), ytr[b], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            train_step(model, opt, sched, shift(xtr[b], max_px, gen), ytr[b])
+    return held_out_accuracy(model, x, y, te), time.perf_counter() - start
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor,
+               y: torch.Tensor) -> None:
+    """One optimizer step on a batch (label smoothing 0.1) and one schedule step."""
+    loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+def held_out_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, te: np.ndarray) -> float:
+    """Accuracy of ``model`` (put in eval mode) on rows ``te`` of ``x``, in batches of 256."""
     model.eval()
     correct = 0
     with torch.no_grad():
         for i in range(0, len(te), 256):
-            b = te[i:i + 256]
+            b = torch.as_tensor(te[i:i + 256])
             correct += int((model(x[b]).argmax(1) == y[b]).sum())
-    return correct / len(te), time.perf_counter() - start
+    return correct / len(te)
 
 
 def main() -> None:
