@@ -117,3 +117,23 @@ def test_predict_reads_a_snapshot_of_many_row_groups(trained, digits_dir, tmp_pa
     t = predict.read_predictions(dst)
     sources = t.column("source").to_pylist()
     assert len(sources) == len(set(sources)) == 32
+
+
+def test_snapshot_is_read_one_row_group_per_task(ray_local, digits_dir, tmp_path, monkeypatch) -> None:
+    """Each read task takes one row group and its rows leave the read stage by group, so
+    predictions files are written while later groups are still read (a fused
+    ``batch_size=READ_BATCH`` stage once read every group in one task: one block, the
+    files written only at the end)."""
+    from pipeline.inference import tasks
+
+    monkeypatch.setattr(listings, "LISTING_GROUP", 7)
+    files = sorted(f.uri for f in storage.iter_files(digits_dir))[:30]
+    listing = tmp_path / "in.csv"
+    listing.write_text("uri\n" + "\n".join(files) + "\n")
+    snap = str(tmp_path / "listing.pq")
+    assert listings.write_input_listing(str(listing), snap) == 30
+    ds = tasks.read_snapshot(snap, {files[0], files[29]}, storage.default_options()).materialize()
+    rows = ds.take_all()
+    assert sorted(r["source"] for r in rows) == files[1:29]
+    assert all(r["error"] == "" and r["bytes"] for r in rows)
+    assert ds.num_blocks() == 5  # 7+7+7+7+2 rows, less the two skipped

@@ -10,6 +10,7 @@ or ``"reason: message"``), ``truth`` (class index, -1 when unknown). They go on 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -55,16 +56,21 @@ def read_objects(batch: dict[str, np.ndarray], opts: storage.StorageOptions) -> 
             "error": np.array(errors, dtype=object), "truth": batch["truth"]}
 
 
-def snapshot_rows(batch: dict[str, np.ndarray], uri: str, skip: pa.Array,
-                  opts: storage.StorageOptions) -> dict[str, np.ndarray]:
-    """Ray Data task: the listing snapshot's row groups named by ``batch["id"]`` (one
-    ranged read each), less the sources in ``skip``, as ``uri``, ``truth`` (-1) rows."""
+def read_group(batch: dict[str, np.ndarray], uri: str, skip: pa.Array,
+               opts: storage.StorageOptions) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data task: the listing snapshot's row group ``batch["id"]`` (one ranged read),
+    less the sources in ``skip``, read :data:`READ_BATCH` objects at a time
+    (:func:`read_objects`). One task per group, yielding as it reads, so rows reach the
+    model while the group is read and no task takes more than one group."""
     storage.configure(opts)
-    uris = [listings.read_snapshot_group(uri, int(g), ["uri"]).column("uri") for g in batch["id"]]
-    col = pa.chunked_array(uris, pa.string()).combine_chunks()
-    if len(skip):
-        col = col.filter(pc.invert(pc.is_in(col, value_set=skip)))
-    return {"uri": col.to_numpy(zero_copy_only=False), "truth": np.full(len(col), -1, dtype=np.int32)}
+    for g in batch["id"]:
+        col = listings.read_snapshot_group(uri, int(g), ["uri"]).column("uri").combine_chunks()
+        if len(skip):
+            col = col.filter(pc.invert(pc.is_in(col, value_set=skip)))
+        uris = col.to_numpy(zero_copy_only=False)
+        for i in range(0, len(uris), READ_BATCH):
+            chunk = uris[i:i + READ_BATCH]
+            yield read_objects({"uri": chunk, "truth": np.full(len(chunk), -1, dtype=np.int32)}, opts)
 
 
 def read_snapshot(uri: str, skip: set[str], opts: storage.StorageOptions) -> ray.data.Dataset:
@@ -80,9 +86,11 @@ def read_snapshot(uri: str, skip: set[str], opts: storage.StorageOptions) -> ray
     ds = ray.data.from_items([{"id": g} for g in range(groups)], override_num_blocks=max(groups, 1))
     ds.context.raise_original_map_exception = True
     skipped = pa.array(sorted(skip), pa.string())  # Arrow: ~70 B a source against ~150 in a set
-    ds = ds.map_batches(snapshot_rows, fn_kwargs={"uri": uri, "skip": skipped, "opts": opts}, batch_size=1,
-                        num_cpus=READ_TASK_CPUS)
-    return ds.map_batches(read_objects, fn_kwargs={"opts": opts}, batch_size=READ_BATCH, num_cpus=READ_TASK_CPUS)
+    # one op, batch_size=1: a second map_batches(batch_size=READ_BATCH) fused after this one
+    # bundled READ_BATCH *groups* into one task, so all of a run's rows left the read stage
+    # as one block and the predictions files were written only at the very end
+    return ds.map_batches(read_group, fn_kwargs={"uri": uri, "skip": skipped, "opts": opts}, batch_size=1,
+                          num_cpus=READ_TASK_CPUS)
 
 
 def shard_rows(batch: dict[str, np.ndarray], skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
