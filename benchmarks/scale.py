@@ -15,11 +15,20 @@ of the whole process tree, by phase, against the smallest size; and listing S3 k
    (:func:`pipeline.data.listings.write_input_listing`: streamed, paginated, written to a
    Parquet snapshot in row groups) in a child process: seconds and peak RSS against the
    smallest size, and the driver's growth per key.
+3. ``--part incremental``: 1% new images added to the largest size's prefix (removed
+   after), then predict with ``--skip-existing`` into item 1's output (same
+   ``--workdir``): seconds against the full run's (target <= 5%), only the new ones scored.
+4. ``--part resume``: a fresh predict of the largest size, killed (its whole process
+   group) once half its rows are in part files, rerun after its lease expires: the
+   rerun's seconds against the full run's times the share of images left; duckdb
+   counts one row per image in the committed output.
 
     python benchmarks/scale.py --n 100000 1000000            # item 1 (the 10^6 run: ~25 min on 2 cores)
     python benchmarks/scale.py --n 20000 100000
     python benchmarks/scale.py --part listing --n 10000 100000        # from moto S3
     python benchmarks/scale.py --part listing --local --n 20000 100000
+    python benchmarks/scale.py --part incremental --n 1000000 --workdir W   # item 4, after item 1 in W
+    python benchmarks/scale.py --part resume --n 1000000 --workdir W        # item 3
     python benchmarks/scale.py --smoke
 """
 
@@ -167,7 +176,8 @@ def predict_child(args: argparse.Namespace, state: dict) -> dict:
     s = predict.run(state["model"], state["src"], state["dst"],
                     config.load(None, [f"ray.num_cpus={args.cpus}", *args.set]), quiet=True)
     return {"t_start": t_start, "seconds": time.time() - t_start, "ray_start": ray_s,
-            "images": s["rows"] + s["errors"], "phase_seconds": s["phase_seconds"]}
+            "images": s["rows"] + s["errors"], "phase_seconds": s["phase_seconds"],
+            "scored": s["scored"], "skipped": s["skipped"], "resumed": s["resumed"]}
 
 
 def phase_peaks(res: dict, tl: Timeline) -> dict[str, dict[str, float]]:
@@ -203,6 +213,106 @@ def predict_part(args: argparse.Namespace) -> None:
                      "ratio": round(rec["ours_images_per_second"] / first["ours_images_per_second"], 3),
                      "s_per_image_ratio": round(rec["s_per_image"] / first["s_per_image"], 3),
                      "rss_growth": growth, "note": f"baseline = ours at n={first['n']}"}, args)
+
+
+def full_run(n: int, args: argparse.Namespace) -> dict:
+    """The latest uninterrupted ``scale_predict_n{n}`` record of the results file (item 1)."""
+    name, rec = f"scale_predict_n{n}", None
+    with open(args.results or common.RESULTS) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("name") == name and r.get("mode") != "smoke":
+                rec = r
+    if rec is None:
+        raise SystemExit(f"no {name} record in the results: run `python benchmarks/scale.py --n {n}` first")
+    return rec
+
+
+def _committed_parts_rows(dst: str, rows_per_file: int) -> int:
+    """Rows in the prediction parts written so far (each ``rows_per_file`` rows but the last)."""
+    try:
+        return sum(rows_per_file for f in os.listdir(dst) if f.startswith("part-") and f.endswith(".parquet"))
+    except FileNotFoundError:
+        return 0
+
+
+def one_row_per_image(dst: str, n: int) -> dict:
+    """duckdb over the committed output (``_SUCCESS``'s files): rows and distinct sources."""
+    import duckdb
+
+    files = [os.path.join(dst, f) for f in json.load(open(os.path.join(dst, "_SUCCESS")))["files"]]
+    rows, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT source) FROM read_parquet({files!r})").fetchall()[0]
+    assert rows == distinct == n, (rows, distinct, n)
+    return {"duckdb_rows": rows, "duckdb_distinct_sources": distinct}
+
+
+def resume_part(args: argparse.Namespace) -> None:
+    """Item 3: kill a predict once about half its rows are in part files, rerun it, and
+    compare the rerun's seconds with the remaining share of the uninterrupted run."""
+    n = int(max(args.sizes))
+    full = full_run(n, args)
+    model = predict_bench.make_model(args.workdir, "smallcnn", 32, "digits")
+    src, dst = tiny_images(n), os.path.join(args.workdir, f"resume-{n}")
+    shutil.rmtree(dst, ignore_errors=True)
+    ttl = 20  # s: the lease a killed run leaves behind expires this long after its last heartbeat
+    rows_per_file = max(500, n // 20)  # 50,000 (the default) at 10^6: 20 parts
+    args.argv = [*args.argv, "--set", f"ray.lease_ttl_s={ttl}", "--set", f"predict.rows_per_file={rows_per_file}"]
+    path = os.path.join(args.workdir, f"state-{time.time_ns()}.json")
+    json.dump({"model": model, "src": src, "dst": dst}, open(path, "w"))
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--workdir", args.workdir, "--side", "ours",
+           "--state", path, "--side-result", path + ".out"]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: the kill takes Ray's processes too
+    while proc.poll() is None and _committed_parts_rows(dst, rows_per_file) < n // 2:
+        time.sleep(0.5)
+    killed_at = time.time() - t0
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    done = _committed_parts_rows(dst, rows_per_file)
+    if os.path.exists(os.path.join(dst, "_SUCCESS")):
+        raise SystemExit(f"the run committed before it was killed ({killed_at:.0f} s): use a larger --n")
+    common.log(f"killed after {killed_at:.0f} s with {done} rows in part files; waiting {ttl} s for the lease")
+    time.sleep(ttl + 1)
+    res, tl = run_child(args, {"model": model, "src": src, "dst": dst})
+    left = (n - res["resumed"]) / n
+    expected = full["seconds"] * left
+    common.emit({"name": f"scale_resume_n{n}", "n": n, "killed_after_seconds": round(killed_at, 1),
+                 "resumed": res["resumed"], "scored": res["scored"], "rerun_seconds": round(res["seconds"], 2),
+                 "full_run_seconds": full["seconds"], "remaining_share": round(left, 4),
+                 "rerun_vs_remaining_share": round(res["seconds"] / expected, 3), **tl.peaks(),
+                 "phase_seconds": res["phase_seconds"], **one_row_per_image(dst, n),
+                 "ours_images_per_second": None, "baseline_images_per_second": None, "ratio": None,
+                 "note": "rerun seconds / (full run seconds x share of images left)"}, args)
+
+
+def incremental_part(args: argparse.Namespace) -> None:
+    """Item 4: add 1% new images to the prefix item 1 scored and rerun with
+    ``--skip-existing`` into its output: only the new ones are scored."""
+    n = int(max(args.sizes))
+    full, extra = full_run(n, args), n // 100
+    dst = os.path.join(args.workdir, f"pred-{n}")
+    if not os.path.exists(os.path.join(dst, "_SUCCESS")):
+        raise SystemExit(f"{dst} holds no committed output: run item 1 with this --workdir first")
+    model = predict_bench.make_model(args.workdir, "smallcnn", 32, "digits")
+    src = tiny_images(n)
+    bank = [os.path.join(src, "c00", f"{i:07d}.jpg") for i in range(0, 10 * BANK, CLASSES)]
+    added = [os.path.join(src, f"c{i % CLASSES:02d}", f"new-{i:07d}.jpg") for i in range(extra)]
+    try:
+        for i, f in enumerate(added):
+            shutil.copyfile(bank[i % len(bank)], f)
+        args.argv = [*args.argv, "--set", "predict.skip_existing=true"]
+        res, tl = run_child(args, {"model": model, "src": src, "dst": dst})
+    finally:
+        for f in added:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
+    assert res["scored"] == extra and res["images"] == n + extra, res
+    common.emit({"name": f"scale_incremental_n{n}", "n": n, "added": extra, "scored": res["scored"],
+                 "skipped": res["skipped"], "seconds": round(res["seconds"], 2), "full_run_seconds": full["seconds"],
+                 "share_of_full_run": round(res["seconds"] / full["seconds"], 4), **tl.peaks(),
+                 "phase_seconds": res["phase_seconds"], **one_row_per_image(dst, n + extra),
+                 "ours_images_per_second": None, "baseline_images_per_second": None, "ratio": None,
+                 "note": "target: share_of_full_run <= 0.05"}, args)
 
 
 # ------------------------------------------------------------------------- listing
@@ -267,11 +377,14 @@ def _put_keys_range(bucket: str, lo: int, hi: int) -> None:
 
 # ---------------------------------------------------------------------------- main
 
+PARTS = {"predict": predict_part, "listing": listing_part, "resume": resume_part, "incremental": incremental_part}
+
+
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0], default_n=0, smoke_n=0)
     p.add_argument("sizes_pos", nargs="*", type=float, help=argparse.SUPPRESS)
-    p.add_argument("--part", choices=["predict", "listing"], default="predict")
+    p.add_argument("--part", choices=list(PARTS), default="predict")
     p.add_argument("--set", action="append", default=[], help="predict config override key=value")
     p.add_argument("--local", action="store_true", help="--part listing: tiny JPEGs on local disk, not moto")
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -287,11 +400,11 @@ def main(argv: list[str] | None = None) -> None:
         args.sizes = [500, 1500] if args.smoke else [100_000, 1_000_000]
     if args.side:
         state = json.load(open(args.state))
-        out = predict_child(args, state) if args.part == "predict" else listing_child(args, state)
+        out = listing_child(args, state) if args.part == "listing" else predict_child(args, state)
         with open(args.side_result, "w") as f:
             json.dump(out, f)
         return
-    predict_part(args) if args.part == "predict" else listing_part(args)
+    PARTS[args.part](args)
 
 
 if __name__ == "__main__":
