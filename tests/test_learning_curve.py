@@ -49,6 +49,7 @@ def test_subsets_are_stratified_nested_and_share_val_and_test(packed, tmp_path):
         subsets.stratified_subset(full, 0.5, 0, str(tmp_path / "a"))
 
 
+@pytest.mark.slow  # ~2.5 min: two training runs and a rerun; the fit and the errors are tested below
 def test_learning_curve_trains_fits_and_reuses_points(packed, tmp_path):
     cfg = small_config(data={"manifest": packed}, train={"epochs": 1, "storage": str(tmp_path / "runs")})
     out = str(tmp_path / "lc")

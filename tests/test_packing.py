@@ -401,6 +401,7 @@ def test_task_error_reaches_the_caller_as_its_cause(packed, tmp_path, monkeypatc
     assert len(err) == 1 and err[0].startswith("imgpipe: error: shard ") and "sha256" in err[0], err
 
 
+@pytest.mark.slow  # ~2 min: three pack processes; leases: tests/test_lease.py, predict's both orders in test_predict_output.py
 def test_second_pack_into_a_live_dst_exits_2(tmp_path, digits_dir):
     """Both orders, real processes: a running pack refuses a second; a held lease refuses pack."""
     dst = tmp_path / "shards"

@@ -102,6 +102,7 @@ def test_torchvision_weights_without_internet_is_one_line_user_error():
         assert state is not None and "classifier.3.weight" in state
 
 
+@pytest.mark.slow  # ~75 s: a Ray Train run; weights from S3 without training: tests/test_timm.py
 def test_state_dict_uri_on_s3_fine_tunes(packed, s3_bucket, s3_server, tmp_path):
     """model.pretrained as a plain state dict at an s3:// URI, through Ray Train."""
     buf = io.BytesIO()
