@@ -52,6 +52,7 @@ import predict as predict_bench  # noqa: E402
 BANK = 200  # distinct JPEGs the tiny sets are copied from
 CLASSES = 10
 INTERVAL_S = 0.5
+SIZE = 16  # px: the demo's small CNN (data.image_size's default); ~1.1 ms an image on one core, 4.5 at 32 px
 
 
 # -------------------------------------------------------------------------- images
@@ -189,7 +190,7 @@ def phase_peaks(res: dict, tl: Timeline) -> dict[str, dict[str, float]]:
 
 
 def predict_part(args: argparse.Namespace) -> None:
-    model = predict_bench.make_model(args.workdir, "smallcnn", 32, "digits")
+    model = predict_bench.make_model(args.workdir, "smallcnn", SIZE, "digits")
     first = None
     for n in args.sizes:
         with common.Timer() as tg:
@@ -251,7 +252,7 @@ def resume_part(args: argparse.Namespace) -> None:
     compare the rerun's seconds with the remaining share of the uninterrupted run."""
     n = int(max(args.sizes))
     full = full_run(n, args)
-    model = predict_bench.make_model(args.workdir, "smallcnn", 32, "digits")
+    model = predict_bench.make_model(args.workdir, "smallcnn", SIZE, "digits")
     src, dst = tiny_images(n), os.path.join(args.workdir, f"resume-{n}")
     shutil.rmtree(dst, ignore_errors=True)
     ttl = 20  # s: the lease a killed run leaves behind expires this long after its last heartbeat
@@ -293,7 +294,7 @@ def incremental_part(args: argparse.Namespace) -> None:
     dst = os.path.join(args.workdir, f"pred-{n}")
     if not os.path.exists(os.path.join(dst, "_SUCCESS")):
         raise SystemExit(f"{dst} holds no committed output: run item 1 with this --workdir first")
-    model = predict_bench.make_model(args.workdir, "smallcnn", 32, "digits")
+    model = predict_bench.make_model(args.workdir, "smallcnn", SIZE, "digits")
     src = tiny_images(n)
     bank = [os.path.join(src, "c00", f"{i:07d}.jpg") for i in range(0, 10 * BANK, CLASSES)]
     added = [os.path.join(src, f"c{i % CLASSES:02d}", f"new-{i:07d}.jpg") for i in range(extra)]
