@@ -38,6 +38,7 @@ PREDICT_REPORT_DIR = "_report"
 PREDICT_SIDE_TABLE = ".pq"  # suffix of DST/_errors/part-<h>.pq (source, image_id, error)
 PREDICT_LISTING = "listing.pq"  # DST/_state/: the input listing snapshot of the current attempt
 PREDICT_COMMITTED_LISTING = "committed_listing.pq"  # DST/_state/: the listing of the last commit
+PREDICT_REMAINING = "remaining.pq"  # DST/_state/: the listing less what an attempt skips (rewritten each run)
 PREDICT_ATTEMPT = "attempt.json"  # DST/_state/: the current attempt (run id, model, input, committed)
 
 # leases (pipeline.ops.lease): one live run per output folder, dataset or training run

@@ -123,17 +123,40 @@ def test_snapshot_is_read_one_row_group_per_task(ray_local, digits_dir, tmp_path
     """Each read task takes one row group and its rows leave the read stage by group, so
     predictions files are written while later groups are still read (a fused
     ``batch_size=READ_BATCH`` stage once read every group in one task: one block, the
-    files written only at the end)."""
+    files written only at the end). What is left after skipping is a snapshot of full
+    row groups again."""
+    import pyarrow as pa
+
     from pipeline.inference import tasks
 
     monkeypatch.setattr(listings, "LISTING_GROUP", 7)
     files = sorted(f.uri for f in storage.iter_files(digits_dir))[:30]
     listing = tmp_path / "in.csv"
     listing.write_text("uri\n" + "\n".join(files) + "\n")
-    snap = str(tmp_path / "listing.pq")
+    snap, rest = str(tmp_path / "listing.pq"), str(tmp_path / "remaining.pq")
     assert listings.write_input_listing(str(listing), snap) == 30
-    ds = tasks.read_snapshot(snap, {files[0], files[29]}, storage.default_options()).materialize()
+    every = tasks.read_snapshot(snap, storage.default_options()).materialize()
+    assert every.num_blocks() == 5 and sorted(r["source"] for r in every.take_all()) == files  # 7+7+7+7+2
+    skip = [files[0], files[8], files[9], files[29], "/not/listed.png"]
+    assert listings.write_remaining(snap, pa.array(skip), rest) == 26
+    assert listings.snapshot_shape(rest) == (26, 4)  # 7+7+7+5: regrouped, not 5 ragged groups
+    ds = tasks.read_snapshot(rest, storage.default_options()).materialize()
     rows = ds.take_all()
-    assert sorted(r["source"] for r in rows) == files[1:29]
+    assert sorted(r["source"] for r in rows) == [f for f in files if f not in skip]
     assert all(r["error"] == "" and r["bytes"] for r in rows)
-    assert ds.num_blocks() == 5  # 7+7+7+7+2 rows, less the two skipped
+    assert ds.num_blocks() == 4
+
+
+def test_split_is_read_one_shard_per_task(packed) -> None:
+    """``DATASET:split`` input: one read task, and one block, per shard, with the
+    skipped sources left out."""
+    from pipeline.inference import tasks
+
+    _, manifest, split = listings.read_input(f"{packed}:train")
+    shards = len(manifest.shard_uris(split))
+    assert shards > 1
+    every = tasks.read_split(manifest, split).materialize()
+    assert every.num_blocks() == shards and every.count() == manifest.rows(split)
+    skip = frozenset(r["source"] for r in every.take(3))
+    rest = tasks.read_split(manifest, split, skip).materialize()
+    assert rest.count() == manifest.rows(split) - 3 and not skip & {r["source"] for r in rest.take_all()}

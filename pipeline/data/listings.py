@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -287,6 +288,35 @@ def write_input_listing(src: str, uri: str) -> int:
                 w.write_batch(b, row_group_size=LISTING_GROUP)
                 rows += b.num_rows
         storage.upload_file(path, uri)
+    return rows
+
+
+def write_remaining(snapshot: str, skip: pa.Array, uri: str) -> int:
+    """The rows of the listing snapshot ``snapshot`` whose ``uri`` is not in ``skip``, as a
+    snapshot at ``uri`` (row groups of :data:`LISTING_GROUP` rows again); returns its rows.
+    One hash anti-join over the ``uri`` column here (the column is held while it runs:
+    ~70 B an image), instead of shipping ``skip`` to every read task and hashing it there
+    once per row group (at 10^6 images with 1% new: 247 tasks of ~0.4 s each)."""
+    fs, path = storage.pyarrow_filesystem(snapshot)
+    rows, pending = 0, []
+    with fs.open_input_file(path) as f, tempfile.TemporaryDirectory(prefix="imgpipe-listing-") as tmp:
+        src = pq.ParquetFile(f)
+        dropped = pc.is_in(src.read(columns=["uri"]).column("uri"), value_set=skip)
+        out = os.path.join(tmp, "remaining.pq")
+        with pq.ParquetWriter(out, LISTING_SCHEMA, write_statistics=False) as w:
+            start = 0
+            for g in range(src.num_row_groups):
+                t = src.read_row_group(g)
+                kept = t.filter(pc.invert(dropped.slice(start, t.num_rows)))
+                start += t.num_rows
+                pending.append(kept)
+                buf = pa.concat_tables(pending)
+                whole = buf.num_rows if g == src.num_row_groups - 1 else buf.num_rows // LISTING_GROUP * LISTING_GROUP
+                if whole:  # full groups only, but for the last
+                    w.write_table(buf.slice(0, whole).combine_chunks(), row_group_size=LISTING_GROUP)
+                    rows += whole
+                pending = [buf.slice(whole)]
+        storage.upload_file(out, uri)
     return rows
 
 

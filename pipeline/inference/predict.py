@@ -298,7 +298,12 @@ def _input(job: Job, opts: storage.StorageOptions) -> ray.data.Dataset | None:
         return tasks.read_split(a.manifest, a.split, frozenset(job.skip))
     if a.rows <= len(job.skip):  # every listed source is skipped (skip holds listed sources only)
         return None
-    return tasks.read_snapshot(a.listing, job.skip, opts)
+    if not job.skip:
+        return tasks.read_snapshot(a.listing, opts)
+    remaining = storage.join(job.dst, STATE_DIR, names.PREDICT_REMAINING)
+    if not listings.write_remaining(a.listing, pa.array(list(job.skip), pa.string()), remaining):
+        return None
+    return tasks.read_snapshot(remaining, opts)
 
 
 def _rows(ds: ray.data.Dataset, dog: Watchdog):
@@ -467,7 +472,8 @@ def _write_commit(job: Job, summary: dict[str, Any]) -> None:
     for f in job.before.files:
         if f not in listed:
             storage.remove(storage.join(job.dst, f))
-    for name in LEGACY_STATE:  # tables 'DST/**/*.parquet' would read as predictions
+    # old tables ('DST/**/*.parquet' would read them as predictions), and this run's leftover list
+    for name in (*LEGACY_STATE, names.PREDICT_REMAINING):
         storage.remove(storage.join(state, name))
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray.data
 
 from pipeline import storage
@@ -56,26 +55,23 @@ def read_objects(batch: dict[str, np.ndarray], opts: storage.StorageOptions) -> 
             "error": np.array(errors, dtype=object), "truth": batch["truth"]}
 
 
-def read_group(batch: dict[str, np.ndarray], uri: str, skip: pa.Array,
-               opts: storage.StorageOptions) -> Iterator[dict[str, np.ndarray]]:
+def read_group(batch: dict[str, np.ndarray], uri: str, opts: storage.StorageOptions) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data task: the listing snapshot's row group ``batch["id"]`` (one ranged read),
-    less the sources in ``skip``, read :data:`READ_BATCH` objects at a time
-    (:func:`read_objects`). One task per group, yielding as it reads, so rows reach the
-    model while the group is read and no task takes more than one group."""
+    read :data:`READ_BATCH` objects at a time (:func:`read_objects`). One task per group,
+    yielding as it reads, so rows reach the model while the group is read and no task
+    takes more than one group."""
     storage.configure(opts)
     for g in batch["id"]:
-        col = listings.read_snapshot_group(uri, int(g), ["uri"]).column("uri").combine_chunks()
-        if len(skip):
-            col = col.filter(pc.invert(pc.is_in(col, value_set=skip)))
-        uris = col.to_numpy(zero_copy_only=False)
+        uris = listings.read_snapshot_group(uri, int(g), ["uri"]).column("uri").to_numpy()
         for i in range(0, len(uris), READ_BATCH):
             chunk = uris[i:i + READ_BATCH]
             yield read_objects({"uri": chunk, "truth": np.full(len(chunk), -1, dtype=np.int32)}, opts)
 
 
-def read_snapshot(uri: str, skip: set[str], opts: storage.StorageOptions) -> ray.data.Dataset:
+def read_snapshot(uri: str, opts: storage.StorageOptions) -> ray.data.Dataset:
     """Stored images named by the listing snapshot at ``uri``
-    (:func:`pipeline.data.listings.write_input_listing`), less the sources in ``skip``.
+    (:func:`pipeline.data.listings.write_input_listing`, or
+    :func:`~pipeline.data.listings.write_remaining` for what is left to score).
     The driver holds neither the listing nor its rows: each task reads one row group
     (:data:`pipeline.data.listings.LISTING_GROUP` rows) itself. A task's error (e.g.
     :class:`pipeline.storage.Forbidden`) reaches the consumer as itself, not as Ray
@@ -85,11 +81,10 @@ def read_snapshot(uri: str, skip: set[str], opts: storage.StorageOptions) -> ray
     # ask for a whole CPU that predict's actors may hold
     ds = ray.data.from_items([{"id": g} for g in range(groups)], override_num_blocks=max(groups, 1))
     ds.context.raise_original_map_exception = True
-    skipped = pa.array(sorted(skip), pa.string())  # Arrow: ~70 B a source against ~150 in a set
     # one op, batch_size=1: a second map_batches(batch_size=READ_BATCH) fused after this one
     # bundled READ_BATCH *groups* into one task, so all of a run's rows left the read stage
     # as one block and the predictions files were written only at the very end
-    return ds.map_batches(read_group, fn_kwargs={"uri": uri, "skip": skipped, "opts": opts}, batch_size=1,
+    return ds.map_batches(read_group, fn_kwargs={"uri": uri, "opts": opts}, batch_size=1,
                           num_cpus=READ_TASK_CPUS)
 
 
@@ -104,7 +99,9 @@ def shard_rows(batch: dict[str, np.ndarray], skip: frozenset[str] = frozenset())
 def read_split(manifest: Manifest, split: str, skip: frozenset[str] = frozenset()) -> ray.data.Dataset:
     """The verified shards of one split of a packed dataset, without the sources in ``skip``."""
     ds = stream.read_split(manifest, split, columns=["image_id", "image", "label", "source"])
-    return ds.map_batches(shard_rows, fn_kwargs={"skip": skip}, num_cpus=READ_TASK_CPUS, batch_size=READ_BATCH)
+    # batch_size=None: fused into the one-shard read tasks, as in read_snapshot (a batch
+    # size would bundle that many shards into one task)
+    return ds.map_batches(shard_rows, fn_kwargs={"skip": skip}, num_cpus=READ_TASK_CPUS, batch_size=None)
 
 
 # ------------------------------------------------------------------------ output
