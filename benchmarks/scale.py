@@ -229,12 +229,17 @@ def full_run(n: int, args: argparse.Namespace) -> dict:
     return rec
 
 
-def _committed_parts_rows(dst: str, rows_per_file: int) -> int:
-    """Rows in the prediction parts written so far (each ``rows_per_file`` rows but the last)."""
-    try:
-        return sum(rows_per_file for f in os.listdir(dst) if f.startswith("part-") and f.endswith(".parquet"))
-    except FileNotFoundError:
-        return 0
+def _part_rows(dst: str) -> int:
+    """Rows in the predictions files written so far (their Parquet footers)."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    with contextlib.suppress(FileNotFoundError):
+        for f in os.listdir(dst):
+            if f.startswith("part-") and f.endswith(".parquet"):
+                with contextlib.suppress(OSError, ValueError):  # a file being written
+                    rows += pq.read_metadata(os.path.join(dst, f)).num_rows
+    return rows
 
 
 def one_row_per_image(dst: str, n: int) -> dict:
@@ -264,12 +269,12 @@ def resume_part(args: argparse.Namespace) -> None:
            "--state", path, "--side-result", path + ".out"]
     t0 = time.time()
     proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: the kill takes Ray's processes too
-    while proc.poll() is None and _committed_parts_rows(dst, rows_per_file) < n // 2:
-        time.sleep(0.5)
+    while proc.poll() is None and _part_rows(dst) < n // 2:
+        time.sleep(2)
     killed_at = time.time() - t0
     os.killpg(proc.pid, 9)
     proc.wait()
-    done = _committed_parts_rows(dst, rows_per_file)
+    done = _part_rows(dst)
     if os.path.exists(os.path.join(dst, "_SUCCESS")):
         raise SystemExit(f"the run committed before it was killed ({killed_at:.0f} s): use a larger --n")
     common.log(f"killed after {killed_at:.0f} s with {done} rows in part files; waiting {ttl} s for the lease")

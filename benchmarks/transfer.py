@@ -92,9 +92,10 @@ def train_eval(x: torch.Tensor, y: torch.Tensor, tr: np.ndarray, te: np.ndarray,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = math.ceil(len(tr) / batch)
-    total, warmup = epochs * steps_per_epoch, steps_per_epoch
+    total = epochs * steps_per_epoch
+    warmup = min(steps_per_epoch, total // 2)  # one epoch, or half a 1-epoch run (cosine needs steps after it)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     gen = torch.Generator().manual_seed(seed)
     xtr, ytr = x[tr], y[tr]
     max_px = max(1, x.shape[-1] // 16)
