@@ -52,7 +52,7 @@ import predict as predict_bench  # noqa: E402
 BANK = 200  # distinct JPEGs the tiny sets are copied from
 CLASSES = 10
 INTERVAL_S = 0.5
-SIZE = 16  # px: the demo's small CNN (data.image_size's default); ~1.1 ms an image on one core, 4.5 at 32 px
+SIZE = 16  # px: the demo's small CNN (data.image_size's default); its forward ~0.9 ms an image on one core, 4.5 at 32 px
 
 
 # -------------------------------------------------------------------------- images
@@ -149,14 +149,20 @@ class Timeline:
         return {k: round(max(r[i + 1] for r in rows), 1) for i, k in enumerate(keys)}
 
 
-def run_child(args: argparse.Namespace, state: dict) -> tuple[dict, Timeline]:
-    """This script in ``--side ours`` mode on ``state``; its result and its tree's timeline."""
+def start_child(args: argparse.Namespace, state: dict, **popen) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start this script in ``--side ours`` mode on ``state``: the process, the path its
+    result will be written next to (``PATH.out``), and its command line."""
     path = os.path.join(args.workdir, f"state-{time.time_ns()}.json")
     with open(path, "w") as f:
         json.dump(state, f)
     cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--workdir", args.workdir, "--side", "ours",
            "--state", path, "--side-result", path + ".out"]
-    proc = subprocess.Popen(cmd)
+    return subprocess.Popen(cmd, **popen), path, cmd
+
+
+def run_child(args: argparse.Namespace, state: dict) -> tuple[dict, Timeline]:
+    """This script in ``--side ours`` mode on ``state``; its result and its tree's timeline."""
+    proc, path, cmd = start_child(args, state)
     with Timeline(proc.pid) as tl:
         rc = proc.wait()
     if rc:
@@ -261,14 +267,11 @@ def resume_part(args: argparse.Namespace) -> None:
     src, dst = tiny_images(n), os.path.join(args.workdir, f"resume-{n}")
     shutil.rmtree(dst, ignore_errors=True)
     ttl = 20  # s: the lease a killed run leaves behind expires this long after its last heartbeat
-    rows_per_file = max(500, n // 20)  # 50,000 (the default) at 10^6: 20 parts
+    rows_per_file = max(500, n // 20)  # 50,000 (the default) at 10^6
     args.argv = [*args.argv, "--set", f"ray.lease_ttl_s={ttl}", "--set", f"predict.rows_per_file={rows_per_file}"]
-    path = os.path.join(args.workdir, f"state-{time.time_ns()}.json")
-    json.dump({"model": model, "src": src, "dst": dst}, open(path, "w"))
-    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--workdir", args.workdir, "--side", "ours",
-           "--state", path, "--side-result", path + ".out"]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: the kill takes Ray's processes too
+    # its own process group: the kill takes Ray's processes too
+    proc, _, _ = start_child(args, {"model": model, "src": src, "dst": dst}, start_new_session=True)
     while proc.poll() is None and _part_rows(dst) < n // 2:
         time.sleep(2)
     killed_at = time.time() - t0
@@ -384,7 +387,6 @@ def _put_keys_range(bucket: str, lo: int, hi: int) -> None:
 # ---------------------------------------------------------------------------- main
 
 PARTS = {"predict": predict_part, "listing": listing_part, "resume": resume_part, "incremental": incremental_part}
-
 
 
 def main(argv: list[str] | None = None) -> None:
