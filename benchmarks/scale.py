@@ -22,6 +22,12 @@ of the whole process tree, by phase, against the smallest size; and listing S3 k
    group) once half its rows are in part files, rerun after its lease expires: the
    rerun's seconds against the full run's times the share of images left; duckdb
    counts one row per image in the committed output.
+5. ``--part pack``: ``imgpipe pack`` (:func:`pipeline.data.packing.pack`) of ``--n``
+   distinct tiny JPEGs from local disk (the bank's images, each with its index in a JPEG
+   comment: distinct bytes, so no image is a duplicate of another), in a child process
+   sampled as in item 1: seconds and peak RSS against the smallest size (target <= 1.3x
+   from 10^5 to 10^6), the largest shard's rows and bytes against the caps, and the
+   manifest's size.
 
     python benchmarks/scale.py --n 100000 1000000            # item 1 (the 10^6 run: ~25 min on 2 cores)
     python benchmarks/scale.py --n 20000 100000
@@ -29,6 +35,7 @@ of the whole process tree, by phase, against the smallest size; and listing S3 k
     python benchmarks/scale.py --part listing --local --n 20000 100000
     python benchmarks/scale.py --part incremental --n 1000000 --workdir W   # item 4, after item 1 in W
     python benchmarks/scale.py --part resume --n 1000000 --workdir W        # item 3
+    python benchmarks/scale.py --part pack --n 100000 1000000                 # item 5 (~40 min)
     python benchmarks/scale.py --smoke
 """
 
@@ -58,9 +65,12 @@ SIZE = 16  # px: the demo's small CNN (data.image_size's default); its forward ~
 # -------------------------------------------------------------------------- images
 
 
-def tiny_images(n: int) -> str:
-    """A local ImageFolder of ``n`` ~1 KB JPEGs (``cXX/NNNNNNN.jpg``), cached."""
-    root = os.path.join(os.environ.get("IMGPIPE_BENCH_CACHE", "/tmp/imgpipe-bench-images"), f"tiny-n{n}")
+def tiny_images(n: int, distinct: bool = False) -> str:
+    """A local ImageFolder of ``n`` ~1 KB JPEGs (``cXX/NNNNNNN.jpg``), cached. Copies of the
+    bank's images; ``distinct``: each with its index in a comment segment after the JPEG's
+    start marker (pack dedupes by content; a comment changes the bytes, not the pixels)."""
+    name = f"tiny-distinct-n{n}" if distinct else f"tiny-n{n}"
+    root = os.path.join(os.environ.get("IMGPIPE_BENCH_CACHE", "/tmp/imgpipe-bench-images"), name)
     marker = os.path.join(root, ".complete")
     if os.path.exists(marker):
         return root
@@ -72,8 +82,12 @@ def tiny_images(n: int) -> str:
     for c in range(CLASSES):
         os.makedirs(os.path.join(root, f"c{c:02d}"))
     for i in range(n):
+        blob = bank[i % len(bank)]
+        if distinct:
+            note = b"%d" % i
+            blob = blob[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + blob[2:]
         with open(os.path.join(root, f"c{i % CLASSES:02d}", f"{i:07d}.jpg"), "wb") as f:
-            f.write(bank[i % len(bank)])
+            f.write(blob)
     with open(marker, "w") as f:
         json.dump({"n": n, "bank": len(bank)}, f)
     return root
@@ -324,6 +338,64 @@ def incremental_part(args: argparse.Namespace) -> None:
                  "note": "target: share_of_full_run <= 0.05"}, args)
 
 
+# ---------------------------------------------------------------------------- pack
+
+
+def pack_child(args: argparse.Namespace, state: dict) -> dict:
+    from pipeline import config
+    from pipeline.data import packing
+
+    ray_s = common.start_ray(args.cpus)
+    t0 = time.time()
+    s = packing.pack(state["src"], state["dst"], config.load(None, [f"ray.num_cpus={args.cpus}", *args.set]),
+                     quiet=True)
+    return {"seconds": time.time() - t0, "ray_start": ray_s, "images": s["images"] + s["bad_images"],
+            "bad_images": s["bad_images"], "shards": s["shards"]}
+
+
+def shard_sizes(dst: str) -> dict:
+    """The manifest's size, and the largest shard's rows and bytes against their caps."""
+    from pipeline.data import packing
+
+    with open(os.path.join(dst, "manifest.json"), "rb") as f:
+        manifest = json.loads(f.read())
+    entries = [e for split in manifest["splits"].values() for e in split]
+    return {"manifest_bytes": os.path.getsize(os.path.join(dst, "manifest.json")),
+            "max_shard_rows": max(e["rows"] for e in entries), "rows_cap": manifest["rows_per_shard"],
+            "max_shard_mb": round(max(os.path.getsize(os.path.join(dst, e["path"])) for e in entries) / 1e6, 2),
+            "mb_cap": manifest.get("shard_mb"), "rows_cap_by_bytes": packing.MAX_SHARD_ROWS_BY_BYTES}
+
+
+def pack_part(args: argparse.Namespace) -> None:
+    first = None
+    for n in args.sizes:
+        with common.Timer() as tg:
+            src = tiny_images(n, distinct=True)
+        common.log(f"pack {n} distinct tiny JPEGs ({src}, ready in {tg.seconds:.0f} s)")
+        dst = os.path.join(args.workdir, f"pack-{n}")
+        shutil.rmtree(dst, ignore_errors=True)
+        res, tl = run_child(args, {"src": src, "dst": dst})
+        assert res["images"] == n and res["bad_images"] == 0, res
+        sizes = shard_sizes(dst)
+        assert sizes["max_shard_rows"] <= sizes["rows_cap"], sizes
+        rec = {"n": n, "seconds": round(res["seconds"], 2), "s_per_image": res["seconds"] / n,
+               "ours_images_per_second": common.rate(n, res["seconds"]), **tl.peaks(), "shards": res["shards"],
+               **sizes, "ray_start_seconds": round(res["ray_start"], 2), "cpus": args.cpus, "set": args.set}
+        name = f"scale_pack_local_n{n}"
+        if first is None:
+            first = rec
+            common.emit({"name": name, **rec, "baseline_images_per_second": None, "ratio": None,
+                         "note": "reference size"}, args)
+        else:
+            growth = {k: round(rec[k] / max(first[k], 1e-9), 3) for k in
+                      ("peak_rss_mb", "peak_driver_rss_mb", "peak_workers_rss_mb", "peak_private_mb",
+                       "peak_shared_mb")}
+            common.emit({"name": name, **rec, "baseline_images_per_second": first["ours_images_per_second"],
+                         "ratio": round(rec["ours_images_per_second"] / first["ours_images_per_second"], 3),
+                         "rss_growth": growth, "note": f"baseline = ours at n={first['n']}"}, args)
+        shutil.rmtree(dst, ignore_errors=True)  # 10^6 images' shards: ~1 GB
+
+
 # ------------------------------------------------------------------------- listing
 
 
@@ -386,7 +458,9 @@ def _put_keys_range(bucket: str, lo: int, hi: int) -> None:
 
 # ---------------------------------------------------------------------------- main
 
-PARTS = {"predict": predict_part, "listing": listing_part, "resume": resume_part, "incremental": incremental_part}
+PARTS = {"predict": predict_part, "listing": listing_part, "resume": resume_part, "incremental": incremental_part,
+         "pack": pack_part}
+CHILDREN = {"listing": listing_child, "pack": pack_child}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -408,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         args.sizes = [500, 1500] if args.smoke else [100_000, 1_000_000]
     if args.side:
         state = json.load(open(args.state))
-        out = listing_child(args, state) if args.part == "listing" else predict_child(args, state)
+        out = CHILDREN.get(args.part, predict_child)(args, state)
         with open(args.side_result, "w") as f:
             json.dump(out, f)
         return
