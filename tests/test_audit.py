@@ -130,6 +130,14 @@ def test_dedupe_near_moves_the_pair_into_one_split(planted, tmp_path, ray_local)
     assert len(where) == 2 * PER_CLASS + 4 - 2 - m.raw["cross_split_duplicates"]
 
 
+A, B, C = 0xFFFF0000FFFF0000, 0x0000FFFF0000FFFF, 0x00FF00FF00FF00FF  # 32 to 64 bits apart
+
+
+def _brute(hashes, groups, d):
+    return {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
+            if groups[i] != groups[j] and bin(int(hashes[i] ^ hashes[j])).count("1") <= d}
+
+
 def test_near_pairs_agrees_with_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 300, dtype=np.uint64)
@@ -138,12 +146,43 @@ def test_near_pairs_agrees_with_brute_force():
     for i, bits in enumerate(flips):  # 0 to 3 bit flips of each hash
         for b in bits[: i % 4]:
             near[i] ^= np.uint64(1) << np.uint64(b)
-    hashes = np.concatenate([base, near])
-    groups = np.concatenate([np.zeros(300, int), np.ones(300, int)])
-    found = {(int(i), int(j)) for i, j, _ in audit.near_pairs(hashes, groups, 4)}
-    brute = {(i, j) for i in range(600) for j in range(i + 1, 600)
-             if groups[i] != groups[j] and bin(int(hashes[i] ^ hashes[j])).count("1") <= 4}
-    assert found == brute and len(brute) >= 300
+    hashes = np.concatenate([base, near, base[:40]])  # and 40 identical copies in a third split
+    groups = np.concatenate([np.zeros(300, int), np.ones(300, int), np.full(40, 2)])
+    g = audit.near_graph(hashes, groups, 4)
+    found = {(int(i), int(j)) for i, j, _ in g.image_pairs(groups)}
+    brute = _brute(hashes, groups, 4)
+    assert found == brute and g.cross_split_pairs() == len(brute) >= 300
+
+
+def test_identical_hashes_are_counted_not_listed():
+    """10^5 images of 3 pictures (a pHash each) in 3 splits: ~1.7e9 cross-split pairs,
+    counted from 3 nodes; the examples come first from identical hashes."""
+    n = 100_000
+    hashes = np.array([A, B, B ^ 1], np.uint64)[np.arange(n) % 3]
+    groups = (np.arange(n) // 7) % 3
+    g = audit.near_graph(hashes, groups, 4)
+    assert len(g.counts) == 3 and g.pairs.tolist() == [[0, 1, 1]]  # nodes in value order: B ^ 1, B, A
+    small = slice(0, 60)  # the same count on a slice small enough for brute force
+    gs = audit.near_graph(hashes[small], groups[small], 4)
+    assert gs.cross_split_pairs() == len(_brute(hashes[small], groups[small], 4))
+    c = g.counts
+    same = sum((c[k].sum() ** 2 - (c[k] ** 2).sum()) // 2 for k in range(3))
+    assert g.cross_split_pairs() == same + c[0].sum() * c[1].sum() - (c[0] * c[1]).sum()
+    examples = g.image_pairs(groups, limit=5)
+    assert len(examples) == 5 and (examples[:, 2] == 0).all()
+    assert all(hashes[i] == hashes[j] and groups[i] != groups[j] for i, j, _ in examples)
+
+
+def test_near_moves_sends_each_group_to_one_split():
+    """Copies of one picture in train, val and test go to test (the holdout keeps its
+    images); a picture only in train stays; linked values move together."""
+    facts = np.zeros(9, audit.FACT_DTYPE)
+    facts["key"] = np.arange(9) + 100
+    facts["phash"] = [A, A, A, A, B, B, C, C ^ 1, C ^ 2]
+    splits = ["train", "train", "val", "test", "train", "train", "train", "train", "val"]
+    shards = [audit.Shard(s, f"mem://{k}", facts[k:k + 1]) for k, s in enumerate(splits)]
+    moves = audit.near_moves(shards, 4, ("test", "val", "train"))
+    assert moves == {0: {100: "test"}, 1: {101: "test"}, 2: {102: "test"}, 6: {106: "val"}, 7: {107: "val"}}
 
 
 def test_bad_dedupe_settings_exit_2(planted, tmp_path):

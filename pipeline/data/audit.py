@@ -12,17 +12,19 @@ Cost: width, height and format come from the image header (no decode). The 64-bi
 JPEGs are decoded at 1/8 scale (Pillow ``draft``), which is all a 32x32 pHash needs.
 Without ``imagehash`` the near-duplicate search is skipped and the audit says so.
 
-Near duplicates (:func:`near_pairs`) use multi-index hashing: split the 64 bits into
+Near duplicates (:func:`near_graph`) use multi-index hashing: split the 64 bits into
 ``d + 1`` chunks; two hashes within Hamming distance ``d`` agree exactly on at least one
 chunk (pigeonhole), so only hashes sharing a chunk value are compared. With uniform
 hashes that is about ``(d+1) * n^2 / 2^(64/(d+1))`` vectorised comparisons (n = 1M,
-d = 4: ~6e8, seconds in numpy), not n^2/2 Python ones; heavily clustered hashes (many
-near-identical images) make buckets larger and the search slower.
+d = 4: ~6e8, seconds in numpy), not n^2/2 Python ones. Images with one pHash are one node
+(:class:`NearGraph`): their pairs are counted, never listed; many *distinct* but close
+hashes make buckets larger and the search slower.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from pipeline import storage
 from pipeline.data.shardset import SPLITS, Manifest, iter_split, shard_uri
@@ -113,39 +117,80 @@ def conflicting_keys(facts: Iterable[np.ndarray]) -> np.ndarray:
 # ------------------------------------------------------------------ near duplicates
 
 
-def near_pairs(hashes: np.ndarray, groups: np.ndarray, max_distance: int) -> np.ndarray:
-    """Pairs (i, j, distance), i < j, of ``hashes`` (uint64) within ``max_distance`` bits
-    whose ``groups`` (split numbers) differ. Multi-index hashing: see the module docstring."""
-    n, chunks = len(hashes), max_distance + 1
-    found: list[np.ndarray] = []
+@dataclass
+class NearGraph:
+    """Near-duplicate links between the *distinct* pHash values of a set of images.
+
+    Images with the same pHash are one node: a dataset with many identical-looking images
+    (blank frames, icons, the benchmark's copies of 200 pictures) then costs one node per
+    value, not a pair per two images (10^5 copies of 200 pictures: ~2.5e7 image pairs).
+    ``pairs`` links two distinct values within the distance; images of one value are all
+    linked to each other (distance 0)."""
+
+    inverse: np.ndarray  # image -> its value's node
+    counts: np.ndarray  # (nodes, len(SPLITS)): images of each node in each split
+    pairs: np.ndarray  # (k, 3) int64: node a < node b, Hamming distance <= max_distance
+
+    def cross_split_pairs(self) -> int:
+        """Image pairs (i < j) within the distance whose splits differ, counted, not listed."""
+        c = self.counts.astype(np.int64)
+        total = c.sum(axis=1)
+        same = (total * total - (c * c).sum(axis=1)) // 2  # within one node, across splits
+        a, b = self.pairs[:, 0], self.pairs[:, 1]
+        linked = total[a] * total[b] - (c[a] * c[b]).sum(axis=1)
+        return int(same.sum() + linked.sum())
+
+    def image_pairs(self, groups: np.ndarray, limit: int | None = None) -> np.ndarray:
+        """Cross-split image pairs (i, j, distance), i < j: those of identical pHashes first,
+        then those of linked values by distance; at most ``limit`` (the report's examples;
+        a test lists them all)."""
+        order = np.argsort(self.inverse, kind="stable")
+        starts = np.searchsorted(self.inverse[order], np.arange(len(self.counts) + 1))
+        same = np.flatnonzero(np.count_nonzero(self.counts, axis=1) > 1)  # one value, two splits
+        by_distance = self.pairs[np.lexsort((self.pairs[:, 1], self.pairs[:, 0], self.pairs[:, 2]))]
+        links = itertools.chain(((n, n, 0) for n in same.tolist()), by_distance.tolist())
+        out: list[tuple[int, int, int]] = []
+        for a, b, d in links:
+            mb = order[starts[b]:starts[b + 1]]
+            for i in order[starts[a]:starts[a + 1]]:
+                js = mb[(groups[mb] != groups[i]) & ((mb > i) if a == b else True)]
+                out += [(int(min(i, j)), int(max(i, j)), d) for j in js]
+                if limit is not None and len(out) >= limit:
+                    return np.array(out[:limit], np.int64)
+        return np.array(out, np.int64).reshape(-1, 3)
+
+
+def near_graph(hashes: np.ndarray, groups: np.ndarray, max_distance: int) -> NearGraph:
+    """The :class:`NearGraph` of ``hashes`` (uint64 pHashes) whose ``groups`` are split
+    numbers. Multi-index hashing over the distinct values: see the module docstring."""
+    values, inverse = np.unique(hashes, return_inverse=True)
+    counts = np.zeros((len(values), len(SPLITS)), np.int64)
+    np.add.at(counts, (inverse, np.asarray(groups, np.int64)), 1)
+    return NearGraph(inverse.ravel(), counts, _value_pairs(values, max_distance))
+
+
+def _value_pairs(values: np.ndarray, max_distance: int) -> np.ndarray:
+    """Pairs (a, b, distance), a < b, of distinct ``values`` within ``max_distance`` bits."""
+    n, chunks = len(values), max_distance + 1
+    found: list[np.ndarray] = [np.zeros((0, 3), np.int64)]
     if n < 2 or max_distance < 0:
-        return np.zeros((0, 3), np.int64)
+        return found[0]
     width = 64 // chunks
     for c in range(chunks):
         lo = c * width
         bits = width if c < chunks - 1 else 64 - lo
-        key = (hashes >> np.uint64(lo)) & np.uint64((1 << bits) - 1) if bits < 64 else hashes
+        key = (values >> np.uint64(lo)) & np.uint64((1 << bits) - 1) if bits < 64 else values
         order = np.argsort(key, kind="stable")
         cuts = np.flatnonzero(np.diff(key[order])) + 1
         starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [n]])
         for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-            found.append(_bucket_pairs(order[s:e], hashes, groups, max_distance))
-    if not found:
-        return np.zeros((0, 3), np.int64)
+            members = order[s:e]
+            a_idx, b_idx = np.triu_indices(len(members), k=1)
+            a, b = members[a_idx], members[b_idx]
+            dist = np.bitwise_count(values[a] ^ values[b]).astype(np.int64)
+            ok = dist <= max_distance
+            found.append(np.stack([np.minimum(a, b)[ok], np.maximum(a, b)[ok], dist[ok]], axis=1).astype(np.int64))
     return np.unique(np.concatenate(found), axis=0)
-
-
-def _bucket_pairs(members: np.ndarray, hashes: np.ndarray, groups: np.ndarray, max_distance: int) -> np.ndarray:
-    a_idx, b_idx = np.triu_indices(len(members), k=1)
-    a, b = members[a_idx], members[b_idx]
-    keep = groups[a] != groups[b]
-    a, b = a[keep], b[keep]
-    dist = np.bitwise_count(hashes[a] ^ hashes[b]).astype(np.int64)
-    ok = dist <= max_distance
-    lo, hi = np.minimum(a, b)[ok], np.maximum(a, b)[ok]
-    return np.stack([lo, hi, dist[ok]], axis=1).astype(np.int64)
-
-
 
 
 @dataclass
@@ -158,32 +203,26 @@ class Shard:
 
 
 def near_moves(shards: list[Shard], max_distance: int, keep_order: tuple[str, ...]) -> dict[int, dict[int, str]]:
-    """For ``data.dedupe: near``: shard index -> {id key: split to move to}. Near pairs across
-    splits are linked transitively into groups; a group goes to the first split of
-    ``keep_order`` it has a member in (the holdout keeps its images)."""
+    """For ``data.dedupe: near``: shard index -> {id key: split to move to}. Near duplicates
+    are linked transitively into groups (connected components of the :class:`NearGraph`);
+    a group with members in two splits goes to the first split of ``keep_order`` it has a
+    member in (the holdout keeps its images)."""
     facts = np.concatenate([s.facts for s in shards] or [np.zeros(0, FACT_DTYPE)])
     split_of = np.concatenate([np.full(len(s.facts), SPLITS.index(s.split)) for s in shards] or [np.zeros(0, int)])
-    parent = list(range(len(facts)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    pairs = near_pairs(facts["phash"], split_of, max_distance)
-    for i, j, _ in pairs:
-        parent[root(int(i))] = root(int(j))
-    members: dict[int, list[int]] = {}
-    for i in {int(k) for k in pairs[:, :2].ravel()}:
-        members.setdefault(root(i), []).append(i)
+    g = near_graph(facts["phash"], split_of, max_distance)
+    nodes = len(g.counts)
+    links = coo_matrix((np.ones(len(g.pairs)), (g.pairs[:, 0], g.pairs[:, 1])), shape=(nodes, nodes))
+    _, component = connected_components(links, directed=False)
+    present = np.zeros((component.max(initial=-1) + 1, len(SPLITS)), np.int64)
+    np.add.at(present, component, g.counts)
+    rank = [SPLITS.index(s) for s in keep_order]  # split numbers, most kept first
+    target = np.array([next(r for r in rank if row[r]) if np.count_nonzero(row) > 1 else -1 for row in present])
+    image_target = target[component[g.inverse]]
+    moving = np.flatnonzero((image_target >= 0) & (image_target != split_of))
     owner = np.repeat(np.arange(len(shards)), [len(s.facts) for s in shards])
     out: dict[int, dict[int, str]] = {}
-    for group in members.values():
-        target = next(s for s in keep_order if any(SPLITS[split_of[i]] == s for i in group))
-        for i in group:
-            if SPLITS[split_of[i]] != target:
-                out.setdefault(int(owner[i]), {})[int(facts["key"][i])] = target
+    for i in moving:
+        out.setdefault(int(owner[i]), {})[int(facts["key"][i])] = SPLITS[image_target[i]]
     return out
 
 
@@ -226,9 +265,9 @@ def _exact(facts: np.ndarray, cross_split: int) -> dict[str, int]:
 def _near(shards: list[Shard], facts: np.ndarray, split_of: np.ndarray, max_distance: int) -> dict[str, Any]:
     if imagehash is None:
         return {"max_distance": max_distance, "pairs": None, "skipped": NEAR_SKIPPED}
-    pairs = near_pairs(facts["phash"], split_of, max_distance)
-    return {"method": "phash (imagehash, 64 bit)", "max_distance": max_distance, "pairs": int(len(pairs)),
-            "examples": _examples(shards, pairs[:MAX_EXAMPLES])}
+    g = near_graph(facts["phash"], split_of, max_distance)
+    return {"method": "phash (imagehash, 64 bit)", "max_distance": max_distance, "pairs": g.cross_split_pairs(),
+            "examples": _examples(shards, g.image_pairs(split_of, MAX_EXAMPLES))}
 
 
 def _examples(shards: list[Shard], pairs: np.ndarray) -> list[dict[str, Any]]:
