@@ -22,7 +22,11 @@ of the whole process tree, by phase, against the smallest size; and listing S3 k
    group) once half its rows are in part files, rerun after its lease expires: the
    rerun's seconds against the full run's times the share of images left; duckdb
    counts one row per image in the committed output.
-5. ``--part pack``: ``imgpipe pack`` (:func:`pipeline.data.packing.pack`) of ``--n``
+5. ``--part writes``: a predict of the largest size, its output folder polled every
+   second (the part files' footers): when the first file appeared, and the share of the
+   images in files at a quarter, half and three quarters of the scoring phase (a kill
+   then keeps those). Pass ``--set predict.rows_per_file=N`` for more, smaller files.
+6. ``--part pack``: ``imgpipe pack`` (:func:`pipeline.data.packing.pack`) of ``--n``
    distinct tiny JPEGs from local disk (the bank's images, each with its index in a JPEG
    comment: distinct bytes, so no image is a duplicate of another), in a child process
    sampled as in item 1: seconds and peak RSS against the smallest size (target <= 1.3x
@@ -35,7 +39,8 @@ of the whole process tree, by phase, against the smallest size; and listing S3 k
     python benchmarks/scale.py --part listing --local --n 20000 100000
     python benchmarks/scale.py --part incremental --n 1000000 --workdir W   # item 4, after item 1 in W
     python benchmarks/scale.py --part resume --n 1000000 --workdir W        # item 3
-    python benchmarks/scale.py --part pack --n 100000 1000000                 # item 5 (~40 min)
+    python benchmarks/scale.py --part pack --n 100000 1000000                 # item 5 (~20 min)
+    python benchmarks/scale.py --part writes --n 100000 --set predict.rows_per_file=10000
     python benchmarks/scale.py --smoke
 """
 
@@ -308,6 +313,36 @@ def resume_part(args: argparse.Namespace) -> None:
                  "note": "rerun seconds / (full run seconds x share of images left)"}, args)
 
 
+def writes_part(args: argparse.Namespace) -> None:
+    """How far the writer lags the model: rows in part files over the scoring phase."""
+    n = args.sizes[-1]
+    model = predict_bench.make_model(args.workdir, "smallcnn", SIZE, "digits")
+    dst = os.path.join(args.workdir, f"writes-{n}")
+    shutil.rmtree(dst, ignore_errors=True)
+    proc, path, cmd = start_child(args, {"model": model, "src": tiny_images(n), "dst": dst})
+    seen = []  # (time, rows in part files)
+    while proc.poll() is None:
+        seen.append((time.time(), _part_rows(dst)))
+        time.sleep(1.0)
+    if proc.returncode:
+        raise RuntimeError(f"child failed (exit {proc.returncode}): {' '.join(cmd)}")
+    with open(path + ".out") as f:
+        res = json.load(f)
+    ph = res["phase_seconds"]
+    end = res["t_start"] + res["seconds"] - ph.get("commit", 0) - ph.get("report", 0)  # scoring is the last long phase
+    start = end - ph["scoring"]
+    first = next((t for t, rows in seen if rows), end)
+
+    def share_at(frac: float) -> float:
+        return round(max((rows for t, rows in seen if t <= start + frac * (end - start)), default=0) / n, 3)
+
+    common.emit({"name": f"scale_predict_writes_n{n}", "n": n, "seconds": round(res["seconds"], 2),
+                 "scoring_seconds": ph["scoring"], "first_file_at_scoring_fraction": round((first - start) / (end - start), 3),
+                 "share_in_files_at_scoring_25_50_75": [share_at(0.25), share_at(0.5), share_at(0.75)],
+                 "ours_images_per_second": None, "baseline_images_per_second": None, "ratio": None,
+                 "cpus": args.cpus, "set": args.set}, args)
+
+
 def incremental_part(args: argparse.Namespace) -> None:
     """Item 4: add 1% new images to the prefix item 1 scored and rerun with
     ``--skip-existing`` into its output: only the new ones are scored."""
@@ -459,7 +494,7 @@ def _put_keys_range(bucket: str, lo: int, hi: int) -> None:
 # ---------------------------------------------------------------------------- main
 
 PARTS = {"predict": predict_part, "listing": listing_part, "resume": resume_part, "incremental": incremental_part,
-         "pack": pack_part}
+         "pack": pack_part, "writes": writes_part}
 CHILDREN = {"listing": listing_child, "pack": pack_child}
 
 

@@ -67,7 +67,7 @@ from pipeline.inference import actors, tasks
 from pipeline.inference.tasks import ERROR_SCHEMA, PRED_SCHEMA  # noqa: F401 - the output schemas, part of predict's API
 from pipeline.names import ERRORS_DIR, PREDICT_SIDE_TABLE, STATE_DIR, SUCCESS
 from pipeline.ops import console, failures, lease
-from pipeline.ops.runtime import READ_TASK_CPUS, PredictResources
+from pipeline.ops.runtime import PredictResources
 from pipeline.ops.watchdog import Watchdog
 from pipeline.report import report
 
@@ -335,10 +335,15 @@ def _score(ds: ray.data.Dataset, job: Job, cfg: Config, res: PredictResources, q
     p = cfg.predict
     spec = actors.ModelSpec(run_id=job.attempt.run_id, topk=job.topk, batch_size=p.batch_size,
                             threads=res.model_threads, compile_model=p.compile, gpu_decode=p.gpu_decode)
+    # The writer asks for no CPU. With a slot (0.2, or even 0.05 with a reserve for it) Ray
+    # Data's budget gave it none while backpressured read tasks held theirs: a 10^5-image run
+    # wrote its first file 81-87% of the way through scoring, so a kill lost nearly all of it
+    # (benchmarks/README.md, "The writer"). A file is ~0.1 CPU-s; on a cluster, Ray may place
+    # the task on a head node started with num-cpus 0 (it moves one file's rows, ~10 MB).
     ds = actors.score(ds, job.scorer, spec, cfg, res).map_batches(
         tasks.write_part, fn_kwargs={"dst": job.dst, "model_name": job.scorer.name, "run_id": job.attempt.run_id,
                                      "opts": opts},
-        batch_size=p.rows_per_file, num_cpus=READ_TASK_CPUS)
+        batch_size=p.rows_per_file, num_cpus=0)
     # a fixed budget, whatever the number of images: the queues ahead of the model stay bounded
     ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
         object_store_memory=store_budget(cfg, job.scorer.image_size))

@@ -189,11 +189,12 @@ class PredictResources:
 
 
 def predict_resources(cfg: Config, cluster_cpus: float) -> PredictResources:
-    """Size the inference actor pools so read and write tasks always find a slot.
+    """Size the inference actor pools so two read tasks always find a slot (predict's
+    writer asks for no CPU).
 
     A CPU model actor takes half the cluster (at most 4 CPUs: more threads stop
-    paying for a small CNN); decode actors share what is left after the read and
-    write tasks' reserve.
+    paying for a small CNN); decode actors share what is left after the read tasks'
+    reserve.
     """
     p = cfg.predict
     reserve = 2 * READ_TASK_CPUS
