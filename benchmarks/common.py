@@ -341,12 +341,15 @@ class MotoS3:
     (Ray workers started afterwards inherit them) and configures ``pipeline.storage``.
     """
 
+    def __init__(self, child: str = _MOTO_CHILD, args: tuple[str, ...] = ()) -> None:
+        self.child, self.args = child, args  # a server script run as `python -c CHILD PORT *ARGS`
+
     def __enter__(self) -> MotoS3:
         for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                      ("AWS_DEFAULT_REGION", "us-east-1")):
             os.environ.setdefault(k, v)
         port = _free_port()
-        self.proc = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD, str(port)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", self.child, str(port), *self.args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline().strip()
         if line != "ready":

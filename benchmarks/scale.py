@@ -10,8 +10,9 @@ of the whole process tree, by phase, against the smallest size; and listing S3 k
    the summary: model, existing, listing, snapshot, skip, start, scoring, commit,
    report). Each line after the first gives ``rss_growth`` and ``s_per_image_ratio``
    against the smallest size (targets: <= 1.2x and <= 1.15x from 10^5 to 10^6).
-2. ``--part listing``: ``--n`` keys put into a moto S3 server on 127.0.0.1 (a child
-   process, outside the figures), then predict's listing of that prefix
+2. ``--part listing``: ``--n`` keys in a moto S3 server on 127.0.0.1 (a child process,
+   outside the figures; keys put into its backend directly, pages served from a sorted
+   index: see ``_INDEXED_MOTO``), then predict's listing of that prefix
    (:func:`pipeline.data.listings.write_input_listing`: streamed, paginated, written to a
    Parquet snapshot in row groups) in a child process: seconds and peak RSS against the
    smallest size, and the driver's growth per key.
@@ -446,24 +447,65 @@ def listing_child(args: argparse.Namespace, state: dict) -> dict:
     return {"seconds": time.time() - t0, "images": rows}
 
 
+# A moto server holding ``N`` keys put straight into its backend (HTTP PUTs run at ~100 a
+# second here: 10^6 keys would take ~3 h), with ListObjectsV2 served from a sorted index.
+# moto sorts every key of the prefix on each page request (O(n log n) a page: 10^4 keys
+# listed in 24 s, 10^6 would take about an hour of server time); real S3 serves a page in
+# time independent of the bucket's size, and the client under test sees the same requests
+# and XML pages either way.
+_INDEXED_MOTO = """
+import bisect, hashlib, sys
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import S3Backend, s3_backends
+from moto.server import ThreadedMotoServer
+
+port, name, n, classes = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+backend.create_bucket(name, "us-east-1")
+body = b"\\xff\\xd8" + b"x" * 1000
+for i in range(n):
+    backend.put_object(name, f"imgs/c{i % classes:02d}/{i:08d}.jpg", body)
+names = sorted(backend.get_bucket(name).keys.keys())
+slow = S3Backend.list_objects_v2
+
+def indexed(self, bucket, prefix, delimiter, continuation_token, start_after, max_keys):
+    b = bucket  # moto passes it by keyword
+    if delimiter or b.name != name:
+        return slow(self, bucket=b, prefix=prefix, delimiter=delimiter, continuation_token=continuation_token,
+                    start_after=start_after, max_keys=max_keys)
+    prefix = prefix or ""
+    lo, hi = bisect.bisect_left(names, prefix), bisect.bisect_left(names, prefix + "\\uffff")
+    after = self._pagination_tokens.get(continuation_token) if continuation_token else start_after
+    if after:
+        lo = max(lo, bisect.bisect_right(names, after))
+    page = names[lo:min(hi, lo + max_keys)]
+    token = None
+    if lo + max_keys < hi:
+        token = hashlib.md5(page[-1].encode()).hexdigest()
+        self._pagination_tokens[token] = page[-1]
+    return [b.keys[k] for k in page], token is not None, token
+
+S3Backend.list_objects_v2 = indexed
+s = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+s.start()
+print("ready", flush=True)
+sys.stdin.read()
+s.stop()
+"""
+
+
 def listing_part(args: argparse.Namespace) -> None:
-    with contextlib.ExitStack() as stack:
-        s3 = None if args.local else stack.enter_context(common.MotoS3())
-        _listing_sizes(args, s3)
-
-
-def _listing_sizes(args: argparse.Namespace, s3: common.MotoS3 | None) -> None:
-    first, done = None, 0
-    where = "s3" if s3 else "local"
-    bucket = s3.bucket("scale")[5:] if s3 else ""
+    first = None
+    where = "local" if args.local else "s3"
     for n in args.sizes:
-        if s3:
-            common.log(f"putting keys {done}..{n} into moto")
-            _put_keys_range(bucket, done, n)
-            done = n
-        src = f"s3://{bucket}/imgs" if s3 else tiny_images(n)
-        res, tl = run_child(args, {"endpoint": s3.endpoint if s3 else "", "src": src,
-                                   "dst": os.path.join(args.workdir, f"listing-{n}.pq")})
+        with contextlib.ExitStack() as stack:
+            s3 = None
+            if not args.local:
+                common.log(f"starting moto with {n} keys")
+                s3 = stack.enter_context(common.MotoS3(_INDEXED_MOTO, ("scale", str(n), str(CLASSES))))
+            src = "s3://scale/imgs" if s3 else tiny_images(n)
+            res, tl = run_child(args, {"endpoint": s3.endpoint if s3 else "", "src": src,
+                                       "dst": os.path.join(args.workdir, f"listing-{n}.pq")})
         assert res["images"] == n, res
         rec = {"n": n, "seconds": round(res["seconds"], 2), "keys_per_second": common.rate(n, res["seconds"]),
                "ours_images_per_second": None, **tl.peaks()}
@@ -477,18 +519,6 @@ def _listing_sizes(args: argparse.Namespace, s3: common.MotoS3 | None) -> None:
                      "ratio": None, "rss_growth": round(rec["peak_rss_mb"] / first["peak_rss_mb"], 3),
                      "driver_bytes_per_extra_key": round(per_key, 1),
                      "note": f"growth against n={first['n']}"}, args)
-
-
-def _put_keys_range(bucket: str, lo: int, hi: int) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    body = b"\xff\xd8" + b"x" * 1000
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"imgs/c{i % CLASSES:02d}/{i:08d}.jpg",
-                                                  Body=body), range(lo, hi)))
 
 
 # ---------------------------------------------------------------------------- main
