@@ -169,7 +169,8 @@ def test_resumed_predict_reports_this_runs_rate_and_draws_the_bar(trained, digit
     caplog.set_level("INFO", logger="imgpipe")
     second = predict.run(model, digits_dir, str(dst), cfg, quiet=False)
     assert second["rows"] == n and second["scored"] == lost and second["resumed"] == n - lost
-    assert second["images_per_second"] == pytest.approx(lost / second["scoring_seconds"], rel=0.05)
+    # the summary rounds the rate to 0.1 img/s: on a loaded machine 40 images may take a minute
+    assert second["images_per_second"] == pytest.approx(lost / second["scoring_seconds"], rel=0.05, abs=0.05)
     assert second["images_per_second"] > 0
     err = capsys.readouterr().err
     assert "predict: 100%" in err and f"{n}/{n} img" in err and "img/s" in err, err
