@@ -336,9 +336,9 @@ def _score(ds: ray.data.Dataset, job: Job, cfg: Config, res: PredictResources, q
     spec = actors.ModelSpec(run_id=job.attempt.run_id, topk=job.topk, batch_size=p.batch_size,
                             threads=res.model_threads, compile_model=p.compile, gpu_decode=p.gpu_decode)
     # The writer asks for no CPU. With a slot (0.2, or even 0.05 with a reserve for it) Ray
-    # Data's budget gave it none while backpressured read tasks held theirs: a 10^5-image run
-    # wrote its first file 81-87% of the way through scoring, so a kill lost nearly all of it
-    # (benchmarks/README.md, "The writer"). A file is ~0.1 CPU-s; on a cluster, Ray may place
+    # Data's budget gave it none while backpressured read tasks held theirs: two of three
+    # 10^5-image runs wrote their first file 81-87% of the way through scoring, so a kill then
+    # lost nearly all of it (benchmarks/README.md, "The writer"). A file is ~0.1 CPU-s; Ray may place
     # the task on a head node started with num-cpus 0 (it moves one file's rows, ~10 MB).
     ds = actors.score(ds, job.scorer, spec, cfg, res).map_batches(
         tasks.write_part, fn_kwargs={"dst": job.dst, "model_name": job.scorer.name, "run_id": job.attempt.run_id,
