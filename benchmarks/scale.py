@@ -169,6 +169,12 @@ class Timeline:
         return {k: round(max(r[i + 1] for r in rows), 1) for i, k in enumerate(keys)}
 
 
+def rss_growth(rec: dict, first: dict) -> dict[str, float]:
+    """Each peak of ``rec`` (:meth:`Timeline.peaks`) against the same peak of ``first``."""
+    keys = ("peak_rss_mb", "peak_driver_rss_mb", "peak_workers_rss_mb", "peak_private_mb", "peak_shared_mb")
+    return {k: round(rec[k] / max(first[k], 1e-9), 3) for k in keys}
+
+
 def start_child(args: argparse.Namespace, state: dict, **popen) -> tuple[subprocess.Popen, str, list[str]]:
     """Start this script in ``--side ours`` mode on ``state``: the process, the path its
     result will be written next to (``PATH.out``), and its command line."""
@@ -234,8 +240,7 @@ def predict_part(args: argparse.Namespace) -> None:
             common.emit({"name": name, **rec, "baseline_images_per_second": None, "ratio": None,
                          "note": "reference size"}, args)
             continue
-        growth = {k: round(rec[k] / max(first[k], 1e-9), 3) for k in
-                  ("peak_rss_mb", "peak_driver_rss_mb", "peak_workers_rss_mb", "peak_private_mb", "peak_shared_mb")}
+        growth = rss_growth(rec, first)
         common.emit({"name": name, **rec, "baseline_images_per_second": first["ours_images_per_second"],
                      "ratio": round(rec["ours_images_per_second"] / first["ours_images_per_second"], 3),
                      "s_per_image_ratio": round(rec["s_per_image"] / first["s_per_image"], 3),
@@ -391,15 +396,14 @@ def pack_child(args: argparse.Namespace, state: dict) -> dict:
 
 def shard_sizes(dst: str) -> dict:
     """The manifest's size, and the largest shard's rows and bytes against their caps."""
-    from pipeline.data import packing
+    from pipeline.data import packing, shardset
 
-    with open(os.path.join(dst, "manifest.json"), "rb") as f:
-        manifest = json.loads(f.read())
-    entries = [e for split in manifest["splits"].values() for e in split]
+    m = shardset.read_manifest(dst)
+    entries = [e for split in m.splits.values() for e in split]
     return {"manifest_bytes": os.path.getsize(os.path.join(dst, "manifest.json")),
-            "max_shard_rows": max(e["rows"] for e in entries), "rows_cap": manifest["rows_per_shard"],
+            "max_shard_rows": max(e["rows"] for e in entries), "rows_cap": m.raw["rows_per_shard"],
             "max_shard_mb": round(max(os.path.getsize(os.path.join(dst, e["path"])) for e in entries) / 1e6, 2),
-            "mb_cap": manifest.get("shard_mb"), "rows_cap_by_bytes": packing.MAX_SHARD_ROWS_BY_BYTES}
+            "mb_cap": m.raw.get("shard_mb"), "rows_cap_by_bytes": packing.MAX_SHARD_ROWS_BY_BYTES}
 
 
 def pack_part(args: argparse.Namespace) -> None:
@@ -423,9 +427,7 @@ def pack_part(args: argparse.Namespace) -> None:
             common.emit({"name": name, **rec, "baseline_images_per_second": None, "ratio": None,
                          "note": "reference size"}, args)
         else:
-            growth = {k: round(rec[k] / max(first[k], 1e-9), 3) for k in
-                      ("peak_rss_mb", "peak_driver_rss_mb", "peak_workers_rss_mb", "peak_private_mb",
-                       "peak_shared_mb")}
+            growth = rss_growth(rec, first)
             common.emit({"name": name, **rec, "baseline_images_per_second": first["ours_images_per_second"],
                          "ratio": round(rec["ours_images_per_second"] / first["ours_images_per_second"], 3),
                          "rss_growth": growth, "note": f"baseline = ours at n={first['n']}"}, args)
