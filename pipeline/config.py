@@ -128,7 +128,9 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     channels_last: bool = True  # on GPU
     compile: bool = False  # torch.compile on GPU
-    torch_threads: int = 1  # intra-op threads per worker on CPU (workers share cores)
+    # intra-op threads per worker on CPU; 0: the node's CPUs shared by the workers on it
+    # (1 each for the default 2 workers on 2 cores, 2 for one worker)
+    torch_threads: int = 0
     # 'package.module:Class[?key=value&...]' entries built in every training worker and
     # called after each step and checkpoint (see pipeline.training.callbacks); tests use it
     callbacks: list[str] = field(default_factory=list)
@@ -365,6 +367,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0"),
+        (cfg.train.torch_threads >= 0, "train.torch_threads must be >= 0 (0: the node's CPUs / its workers)"),
         (cfg.augment.device != "cuda" or cfg.train.use_gpu,
          "augment.device=cuda needs train.use_gpu=true (valid without a GPU: cpu, worker)"),
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),

@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from pipeline import config, storage, transforms
 from pipeline.config import AugmentConfig, Config
 from pipeline.models import zoo as models
+from pipeline.ops.runtime import training_threads
 from pipeline.training import callbacks
 from pipeline.training.inputs import BatchInput, TrainBatches, val_batches
 from pipeline.training.progress import Heartbeat, epoch_line, write_metrics
@@ -350,7 +351,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     storage.configure(config.storage_options(cfg))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, cfg.train.torch_threads))
+    torch.set_num_threads(training_threads(cfg.train.torch_threads, ctx.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)  # same init everywhere; DDP broadcasts rank 0's anyway
     device = ray.train.torch.get_device()
     learner = build_learner(spec, device, world)
