@@ -16,7 +16,7 @@ from pipeline.config import load
 from pipeline.data import shardset
 from pipeline.errors import UserError
 from pipeline.models import artifact
-from pipeline.ops.runtime import train_resources
+from pipeline.ops.runtime import train_resources, training_threads
 from pipeline.training import callbacks, driver
 from tests.conftest import small_config
 from tests.train_callbacks import CrashOnce, TraceIds, crash_once, trace_ids
@@ -174,6 +174,15 @@ def test_every_epoch_reports_its_overhead(trained):
     for h in [json.loads(x) for x in open(os.path.join(trained["run_uri"], "metrics.jsonl"))]:
         assert 0 < h["step_seconds"] <= h["wall_seconds"]
         assert h["overhead_seconds"] == pytest.approx(h["wall_seconds"] - h["step_seconds"])
+
+
+def test_workers_share_the_node_cores_by_default(trained):
+    """train.torch_threads=0: the node's CPUs over the workers on it, recorded per epoch;
+    an explicit value wins."""
+    hist = [json.loads(x) for x in open(os.path.join(trained["run_uri"], "metrics.jsonl"))]
+    assert [h["torch_threads"] for h in hist] == [1, 1]  # 2 workers on the 2-CPU local Ray
+    assert training_threads(0, 1) == 2 and training_threads(0, 2) == 1 and training_threads(0, 4) == 1
+    assert training_threads(3, 2) == 3
 
 
 @pytest.mark.timeout(600)

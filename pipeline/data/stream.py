@@ -12,7 +12,7 @@ depends on timing):
   (every rank the same number of rows, hence of steps; the remainder, < w rows, is
   dropped that epoch): :func:`rank_slots`, as contiguous slices of shards;
 - :func:`train_stream` is one Ray Dataset over all of a rank's remaining epochs, so the
-  read tasks and the augment actors behind it start once per run, not per epoch. Each
+  reader actor and the augment actors behind it start once per run, not per epoch. Each
   row carries ``epoch``, ``row`` (its index in the split) and ``pos`` (its position in
   the rank's epoch); :func:`epoch_batches` cuts the stream into training batches that
   never straddle an epoch.
@@ -96,23 +96,34 @@ def _read_shard_batch(batch: pa.Table, uris: list[str], shas: list[str], columns
     return read_shard(uris[index], shas[index], columns)
 
 
-def _read_slot(batch: pa.Table, uris: list[str], shas: list[str], offsets: list[int], seed: int,
-               skip: int, opts: storage.StorageOptions) -> pa.Table:
-    """Ray Data UDF: one :class:`Slot` -> its rows, in training order, with ``epoch``,
+class SlotReader:
+    """Ray Data actor: one :class:`Slot` -> its rows, in training order, with ``epoch``,
     ``row`` and ``pos``; rows before position ``skip`` of the slot's epoch are dropped
-    before anything is decoded (``skip`` applies to the stream's first epoch only)."""
-    storage.configure(opts)
-    s = Slot(**{k: batch.column(k)[0].as_py() for k in Slot.__dataclass_fields__})
-    table = read_shard(uris[s.shard], shas[s.shard], TRAIN_COLUMNS)
-    take = row_order(table.num_rows, seed, s.epoch, s.shard)[s.start:s.stop]
-    pos = np.arange(s.pos, s.pos + len(take), dtype=np.int64)
-    if s.epoch == batch.column("first_epoch")[0].as_py() and skip > s.pos:
-        keep = pos >= skip
-        take, pos = take[keep], pos[keep]
-    out = table.take(pa.array(take))
-    return (out.append_column("row", pa.array(take + offsets[s.shard], pa.int64()))
-            .append_column("pos", pa.array(pos))
-            .append_column("epoch", pa.array(np.full(len(take), s.epoch, dtype=np.int64))))
+    before anything is decoded (``skip`` applies to the stream's first epoch only).
+
+    An actor, not a task: the stream is backpressured most of the time (it runs ahead of
+    training), and Ray reaps a task's worker process after about a second idle when a
+    node has more idle workers than CPUs, so every read started a new process importing
+    pyarrow and the pipeline (8 new read processes in 30 s of the 20k benchmark, ~2 CPU-s
+    each on 2 cores). The actor lives for the run, like the augment actors."""
+
+    def __init__(self, uris: list[str], shas: list[str], offsets: list[int], seed: int, skip: int,
+                 opts: storage.StorageOptions) -> None:
+        storage.configure(opts)
+        self.uris, self.shas, self.offsets, self.seed, self.skip = uris, shas, offsets, seed, skip
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        s = Slot(**{k: batch.column(k)[0].as_py() for k in Slot.__dataclass_fields__})
+        table = read_shard(self.uris[s.shard], self.shas[s.shard], TRAIN_COLUMNS)
+        take = row_order(table.num_rows, self.seed, s.epoch, s.shard)[s.start:s.stop]
+        pos = np.arange(s.pos, s.pos + len(take), dtype=np.int64)
+        if s.epoch == batch.column("first_epoch")[0].as_py() and self.skip > s.pos:
+            keep = pos >= self.skip
+            take, pos = take[keep], pos[keep]
+        out = table.take(pa.array(take))
+        return (out.append_column("row", pa.array(take + self.offsets[s.shard], pa.int64()))
+                .append_column("pos", pa.array(pos))
+                .append_column("epoch", pa.array(np.full(len(take), s.epoch, dtype=np.int64))))
 
 
 def _one_row_blocks(rows: list[dict[str, Any]]) -> ray.data.Dataset:
@@ -167,10 +178,11 @@ def train_stream(manifest: Manifest, seed: int, rank: int, world: int, first_epo
         return ray.data.from_items([])
     ds = _one_row_blocks(slots)
     _raise_readers_errors(ds)
-    return ds.map_batches(_read_slot, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
-                          fn_kwargs={"uris": manifest.shard_uris("train"), "shas": [s["sha256"] for s in split],
-                                     "offsets": offsets, "seed": seed, "skip": skip,
-                                     "opts": storage.default_options()})
+    return ds.map_batches(SlotReader, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
+                          compute=ray.data.ActorPoolStrategy(size=1),
+                          fn_constructor_kwargs={"uris": manifest.shard_uris("train"),
+                                                 "shas": [s["sha256"] for s in split], "offsets": offsets,
+                                                 "seed": seed, "skip": skip, "opts": storage.default_options()})
 
 
 def ordered(ds: ray.data.Dataset, cpu_limit: float | None = None) -> ray.data.Dataset:

@@ -2,7 +2,7 @@
 epochs and batches, and the val set.
 
 The stream (:func:`pipeline.data.stream.train_stream`) is built once per run (per
-restart after a failure): its read tasks and decode + augment actors live until the run
+restart after a failure): its reader and decode + augment actors live until the run
 ends, instead of an actor pool and a split coordinator per epoch. It is delivered in
 order, so a rank's batches are a function of the config alone. With ``augment.device``
 cuda/worker the batches hold encoded bytes, decoded and augmented here (:class:`BatchInput`).
@@ -12,8 +12,10 @@ rank: while the stream is ahead of training (the usual case) the executor's sche
 loop polls without sleeping (Ray 2.60 waits in ``ray.wait`` only while one of its tasks
 runs). In the rank's process that thread held the GIL against the training thread and
 took a core: on 2 CPUs with 2 ranks, 7.1 of every 15 CPU-s of each rank went to it and
-6.4 to training (per-thread CPU time from ``/proc``, 20k benchmark, epoch 1). The feeder
-runs at the lowest CPU priority when training on CPU, so its polling uses only idle CPU.
+6.4 to training (per-thread CPU time from ``/proc``, 20k benchmark, epoch 1). When
+training on CPU the feeder runs at the idle scheduling class (Linux ``SCHED_IDLE``;
+nice 19 elsewhere): its polling gets the CPU only when nothing else wants it. Ray runs
+its workers at nice 15, so nice 19 alone still left the two feeders ~25% of a core each.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from pipeline.training.state import RunSpec
 
 VAL_BATCH = 256  # images per val batch
 FEEDER_CALLS_AHEAD = 4  # batch requests in flight to the feeder: hides a call's ~1 ms round trip
-FEEDER_NICE_CPU = 19  # the feeder's polling takes only what training leaves idle (CPU training)
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -91,9 +92,12 @@ class StreamFeeder:
     doc for why not in the rank). Lives as long as the rank's handle: an actor dies with
     the worker that created it, so a killed rank takes its feeder along."""
 
-    def __init__(self, spec: RunSpec, rank: int, world: int, first_epoch: int, skip: int, nice: int) -> None:
-        if nice:
-            os.nice(nice)
+    def __init__(self, spec: RunSpec, rank: int, world: int, first_epoch: int, skip: int, idle: bool) -> None:
+        if idle:  # for this thread and the threads it starts (the executor's)
+            if hasattr(os, "sched_setscheduler"):
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.nice(19)
         blocks = _stream(spec, rank, world, first_epoch, skip).iter_batches(batch_size=None, batch_format="numpy")
         self.items = stream.epoch_batches(blocks, spec.config.train.batch_size)
 
@@ -109,9 +113,9 @@ class TrainBatches:
         cfg = spec.config
         self.decoded = cfg.augment.device == "cpu"
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        nice = 0 if cfg.train.use_gpu else FEEDER_NICE_CPU  # GPU ranks leave the CPU to the actors
+        idle = not cfg.train.use_gpu  # CPU ranks compete with it for the cores; GPU ranks hardly do
         self.feeder = StreamFeeder.options(scheduling_strategy=here).remote(spec, rank, world, first_epoch,
-                                                                              skip, nice)
+                                                                              skip, idle)
         self.calls = deque(self.feeder.take.remote(1) for _ in range(FEEDER_CALLS_AHEAD))
         self.ahead: tuple[int, dict[str, Any]] | None = None
 

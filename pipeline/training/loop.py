@@ -319,7 +319,8 @@ def _finish_epoch(worker: Worker, state: TrainState, epoch: int, sums: dict[str,
                "first_batch_seconds": tr["first_batch_seconds"],
                "data_wait_seconds": tr["seconds"] - tr["step_seconds"] - tr["first_batch_seconds"],
                "val_seconds": tr["val_seconds"],
-               "booking_seconds": wall - tr["seconds"] - tr["val_seconds"]}
+               "booking_seconds": wall - tr["seconds"] - tr["val_seconds"],
+               "torch_threads": torch.get_num_threads()}  # CPU results are bitwise equal only at equal threads
     state.history.append(metrics)
     patience = cfg.train.early_stopping_patience
     stop = patience > 0 and state.since_best >= patience
