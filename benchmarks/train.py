@@ -8,7 +8,8 @@ the test evaluation and the run report, on a local Ray instance of ``--cpus`` CP
 Baseline: one plain PyTorch process: ``DataLoader(num_workers=cpus)`` over the same
 train/val/test files (the split of the packed dataset), the same decode and
 ``TrainPreset``/``EvalPreset``, the same model, optimizer (SGD nesterov, same lr rule,
-no decay on norms/biases), warmup + cosine schedule, label smoothing and batch size;
+no decay on norms/biases), warmup + cosine schedule, label smoothing and global batch
+(ours: ``--batch`` / ``--workers`` per worker);
 validation and a checkpoint each epoch, test accuracy at the end.
 
 Two figures per run: end to end (``epochs x train images / wall-clock``, Ray's start
@@ -163,8 +164,12 @@ def _configs(args, dst: str = "") -> tuple[list[str], list[str]]:
                    "augment.hflip=true", "augment.rotation=0", "augment.mean=[0.485,0.456,0.406]",
                    "augment.std=[0.229,0.224,0.225]", "train.amp=bf16", "train.channels_last=true",
                    "train.lr=0.1"]
+    if batch % args.workers:
+        raise SystemExit(f"--batch {batch} must be a multiple of --workers {args.workers}")
+    # the same global batch as the baseline (train.batch_size is per worker), so both
+    # take the same optimizer steps at the same lr: equal accuracy is then expected
     ours = [*shared, f"data.manifest={dst}", f"train.storage={os.path.join(args.workdir, 'runs')}",
-            f"train.num_workers={args.workers}"]
+            f"train.num_workers={args.workers}", f"train.batch_size={batch // args.workers}"]
     if args.gpu:
         ours += ["train.use_gpu=true", f"augment.actors={max(1, args.cpus - 2)}"]
     return shared, ours + args.overrides
@@ -195,7 +200,8 @@ def main(argv=None) -> None:
     p = common.parser(__doc__.splitlines()[0], default_n=5000, smoke_n=400)
     p.add_argument("--epochs", type=int, default=None, help="default 3 (--smoke: 1)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers for ours (default 1)")
-    p.add_argument("--batch", type=int, default=None, help="per-step batch (default 128; --gpu 256)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch per step (default 128; --gpu 256); ours: divided over --workers")
     p.add_argument("--baseline-threads", type=int, default=None,
                    help="torch.set_num_threads in the baseline's main process (default: torch's default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override for ours")
