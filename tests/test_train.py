@@ -378,6 +378,23 @@ def test_tampered_shard_exits_2_at_once_naming_it(packed, tmp_path, capsys):
     assert elapsed < 300, f"took {elapsed:.0f} s"
 
 
+def test_tampered_val_shard_exits_2_before_training(packed, tmp_path, capsys):
+    """A small val set is transformed in the driver before Ray Train starts: a val shard
+    that fails its sha256 stops the run there, exit 2, one line naming the shard."""
+    data = _copy_dataset(packed, tmp_path / "data")
+    entry = shardset.read_manifest(data).splits["val"][0]
+    shard = shardset.shard_uri(data, entry["path"])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    cfg = small_config(data={"manifest": data}, train={"storage": str(tmp_path / "runs"), "run_name": "badval",
+                                                       "epochs": 1})
+    rc, err = _cli_train(cfg, tmp_path, capsys)
+    assert rc == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("imgpipe: error: ") and shard in line and entry["sha256"][:12] in line
+    assert "epoch 1/" not in err  # no training started
+
+
 def test_second_run_with_the_same_name_exits_2(packed, tmp_path, capsys):
     """Another process holds the run's lease: `imgpipe train` exits 2 naming it."""
     import subprocess

@@ -56,6 +56,9 @@ from pipeline.transforms import EvalTransform
 log = logging.getLogger("imgpipe")
 
 VAL_IN_MEMORY_BYTES = 256 * 2**20  # val sets up to this (as uint8) are transformed once and shared
+# val sets up to this many input px are transformed here: no Ray Data read and eval task
+# processes to start (seconds of CPU each on a small machine) for what takes a second
+VAL_HERE_MAX_PIXELS = 4096 * 32 * 32
 COLUMNS = ["image_id", "image", "label"]
 
 
@@ -167,16 +170,21 @@ def _eval_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, size: int) -> 
 
 
 def _val(cfg: Config, manifest: shardset.Manifest) -> tuple[dict[str, Any], Any]:
-    """The val set in the object store, transformed once here (a bad shard fails here),
-    or, when it is too large for that, Ray Train's "val" dataset every rank reads."""
-    size = cfg.data.image_size
-    val_ds = stream.read_split(manifest, "val", columns=COLUMNS).map_batches(
-        _eval_batch, fn_kwargs={"cfg": cfg.augment, "size": size}, num_cpus=EVAL_TASK_CPUS, batch_size=256)
-    if manifest.rows("val") * 3 * size * size > VAL_IN_MEMORY_BYTES:
-        return {"val": val_ds}, None
+    """The val set in the object store, transformed once (a bad shard fails here): in
+    this process when small, else by Ray Data tasks; or, when it is too large to hold,
+    Ray Train's "val" dataset every rank reads."""
+    size, rows = cfg.data.image_size, manifest.rows("val")
+    if 0 < rows * size * size <= VAL_HERE_MAX_PIXELS:
+        parts = [_eval_batch({c: t.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS}, cfg.augment, size)
+                 for t in shardset.iter_split(manifest, "val", columns=COLUMNS)]
+    else:
+        val_ds = stream.read_split(manifest, "val", columns=COLUMNS).map_batches(
+            _eval_batch, fn_kwargs={"cfg": cfg.augment, "size": size}, num_cpus=EVAL_TASK_CPUS, batch_size=256)
+        if rows * 3 * size * size > VAL_IN_MEMORY_BYTES:
+            return {"val": val_ds}, None
+        parts = list(val_ds.iter_batches(batch_size=1024, batch_format="numpy"))
     # Eval transforms are deterministic: run them once, and hand every rank the same
     # uint8 arrays through the object store instead of a pipeline per rank per epoch.
-    parts = list(val_ds.iter_batches(batch_size=1024, batch_format="numpy"))
     val_ref = ray.put({"image": np.concatenate([b["image"] for b in parts]),
                        "label": np.concatenate([b["label"] for b in parts])})
     return {}, val_ref
