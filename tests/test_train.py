@@ -180,7 +180,7 @@ def test_workers_share_the_node_cores_by_default(trained):
     """train.torch_threads=0: the node's CPUs over the workers on it, recorded per epoch;
     an explicit value wins."""
     hist = [json.loads(x) for x in open(os.path.join(trained["run_uri"], "metrics.jsonl"))]
-    assert [h["torch_threads"] for h in hist] == [1, 1]  # 2 workers on the 2-CPU local Ray
+    assert hist and {h["torch_threads"] for h in hist} == {1}  # 2 workers on the 2-CPU local Ray
     assert training_threads(0, 1) == 2 and training_threads(0, 2) == 1 and training_threads(0, 4) == 1
     assert training_threads(3, 2) == 3
 

@@ -34,7 +34,7 @@ import ray.train
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import config, transforms
+from pipeline import config, storage, transforms
 from pipeline.config import Config
 from pipeline.data import stream
 from pipeline.ops.runtime import augment_pool
@@ -93,6 +93,7 @@ class StreamFeeder:
     the worker that created it, so a killed rank takes its feeder along."""
 
     def __init__(self, spec: RunSpec, rank: int, world: int, first_epoch: int, skip: int, idle: bool) -> None:
+        storage.configure(config.storage_options(spec.config))  # the stream's readers get these options
         if idle:  # for this thread and the threads it starts (the executor's)
             if hasattr(os, "sched_setscheduler"):
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
