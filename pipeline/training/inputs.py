@@ -24,7 +24,6 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -88,7 +87,7 @@ def _stream(spec: RunSpec, rank: int, world: int, first_epoch: int, skip: int) -
 @ray.remote(num_cpus=0)
 class StreamFeeder:
     """Runs one rank's training stream (Ray Data's executor) in its own process and hands
-    the rank its ``(epoch, batch)`` items in stream order, ``n`` per call (see the module
+    the rank its ``(epoch, batch)`` items in stream order, one per call (see the module
     doc for why not in the rank). Lives as long as the rank's handle: an actor dies with
     the worker that created it, so a killed rank takes its feeder along."""
 
@@ -102,9 +101,9 @@ class StreamFeeder:
         blocks = _stream(spec, rank, world, first_epoch, skip).iter_batches(batch_size=None, batch_format="numpy")
         self.items = stream.epoch_batches(blocks, spec.config.train.batch_size)
 
-    def take(self, n: int) -> list[tuple[int, dict[str, np.ndarray]]]:
-        """The next ``n`` items (fewer at the end of the stream; none after it)."""
-        return list(islice(self.items, n))
+    def next(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The next item; None at the end of the stream."""
+        return next(self.items, None)
 
 
 class TrainBatches:
@@ -117,17 +116,17 @@ class TrainBatches:
         idle = not cfg.train.use_gpu  # CPU ranks compete with it for the cores; GPU ranks hardly do
         self.feeder = StreamFeeder.options(scheduling_strategy=here).remote(spec, rank, world, first_epoch,
                                                                               skip, idle)
-        self.calls = deque(self.feeder.take.remote(1) for _ in range(FEEDER_CALLS_AHEAD))
+        self.calls = deque(self.feeder.next.remote() for _ in range(FEEDER_CALLS_AHEAD))
         self.ahead: tuple[int, dict[str, Any]] | None = None
 
     def _next(self) -> tuple[int, dict[str, Any]] | None:
         """The stream's next item, None at its end (calls run in order: an actor's
         calls from one caller execute as submitted)."""
         while self.calls:
-            items = ray.get(self.calls.popleft())
-            if items:
-                self.calls.append(self.feeder.take.remote(1))
-                return items[0]
+            item = ray.get(self.calls.popleft())
+            if item is not None:
+                self.calls.append(self.feeder.next.remote())
+                return item
         return None
 
     def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
