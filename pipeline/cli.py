@@ -3,13 +3,16 @@
 Thin by design: each subcommand parses its flags and calls one function of the
 library; it holds no logic of its own. Exit codes: 0 success; 2 bad input
 (:class:`~pipeline.errors.UserError`: one line, no traceback); 1 a failure while
-running; 130 interrupted. The last stdout line of train, evaluate, predict, pack, retrain and
-demo is one JSON object (the summary); ``--summary FILE`` also writes it to a file.
+running; 130 interrupted. The stdout of train, evaluate, predict, pack, retrain and demo is
+one JSON line (the summary); ``--summary FILE`` also writes it to a file. Whatever else is
+printed while a command runs goes to stderr: Ray's driver prints its raylet's notes ("N
+PYTHON worker processes have been started ...") on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -348,7 +351,7 @@ def _cmd_models(args: argparse.Namespace) -> dict[str, Any]:
         if args.json:
             return result
         table = registry.format_list(result) if args.models_command == "list" else registry.format_show(result)
-        print(storage.redact(table), flush=True)
+        print(storage.redact(table), file=args.stdout, flush=True)
         return None
     if args.models_command == "register":
         from pipeline.workflows import register  # deferred: evaluates with torch + Ray
@@ -384,7 +387,7 @@ def _cmd_config(args: argparse.Namespace) -> None:
     else:
         text = config.render(_config(args), header="imgpipe config: every key, as loaded from "
                              f"{args.config or 'the defaults'} with --set overrides applied")
-    print(text, end="", flush=True)
+    print(text, end="", file=args.stdout, flush=True)
 
 
 def _cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
@@ -403,14 +406,14 @@ HANDLERS = {
 }
 
 
-def _emit(result: Any, summary_path: str | None) -> None:
+def _emit(result: Any, summary_path: str | None, out: Any) -> None:
     if result is None:
         return
     result = storage.redact(result)  # a URI's user:password@ never reaches the console or a file
     line = json.dumps(result, sort_keys=True, default=str)
     if summary_path:
         storage.write_bytes(summary_path, (json.dumps(result, indent=2, sort_keys=True, default=str) + "\n").encode())
-    print(line, flush=True)
+    print(line, file=out, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,9 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     if not args.verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    args.stdout = sys.stdout  # what a command means to print: its summary, a table, a config
     try:
-        result = HANDLERS[args.command](args)
-        _emit(result, getattr(args, "summary", None))
+        with contextlib.redirect_stdout(sys.stderr):  # everything else (Ray's notes included)
+            result = HANDLERS[args.command](args)
+        _emit(result, getattr(args, "summary", None), args.stdout)
         return 0
     except UserError as e:
         print(f"imgpipe: error: {storage.redact(str(e))}", file=sys.stderr)

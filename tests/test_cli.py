@@ -3,9 +3,11 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
+from pipeline import cli
 from pipeline.cli import build_parser
 
 
@@ -59,6 +61,23 @@ def test_models_list_prints_a_table_or_json(tmp_path):
     r = imgpipe("models", "list", "--registry", str(tmp_path), "--json")
     assert r.returncode == 0
     assert json.loads(r.stdout.strip().splitlines()[-1])["models"] == []
+
+
+def test_stdout_holds_only_the_summary(monkeypatch, capsys, tmp_path):
+    """Ray's driver prints its raylet's notes ("8 PYTHON worker processes have been
+    started ...") on stdout from a thread of its own: while a command runs they go to
+    stderr, and stdout is the summary line alone (`imgpipe --quiet train ... | jq` works)."""
+    def command(args):
+        note = threading.Thread(target=print, args=("(raylet) WARNING: a note from Ray",))
+        note.start()
+        note.join()
+        return {"config": str(tmp_path / "x.yaml")}
+
+    monkeypatch.setitem(cli.HANDLERS, "init", command)
+    assert cli.main(["--quiet", "init", "--preset", "digits"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [json.dumps({"config": str(tmp_path / "x.yaml")})]
+    assert "(raylet) WARNING: a note from Ray" in err
 
 
 def test_impossible_gpu_request_fails_fast(packed, tmp_path):
