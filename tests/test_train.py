@@ -16,7 +16,12 @@ from pipeline.config import load
 from pipeline.data import shardset
 from pipeline.errors import UserError
 from pipeline.models import artifact
-from pipeline.ops.runtime import train_resources, training_threads
+from pipeline.ops.runtime import (
+    TRAIN_POLL_INTERVAL_S,
+    ensure_ray,
+    train_resources,
+    training_threads,
+)
 from pipeline.training import callbacks, driver
 from tests.conftest import small_config
 from tests.train_callbacks import CrashOnce, TraceIds, crash_once, trace_ids
@@ -183,6 +188,16 @@ def test_workers_share_the_node_cores_by_default(trained):
     assert hist and {h["torch_threads"] for h in hist} == {1}  # 2 workers on the 2-CPU local Ray
     assert training_threads(0, 1) == 2 and training_threads(0, 2) == 1 and training_threads(0, 4) == 1
     assert training_threads(3, 2) == 3
+
+
+def test_ray_train_polls_its_workers_often(trained, monkeypatch):
+    """Ray Train's controller takes a worker's report when it polls the workers (Ray's
+    default: every 2 s), so an epoch shorter than that waited in its report: a run sets
+    the interval to TRAIN_POLL_INTERVAL_S for the controller; a value already set wins."""
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == str(TRAIN_POLL_INTERVAL_S) == "0.2"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    ensure_ray(load(None))  # Ray is up already: only the environment is looked at
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"
 
 
 @pytest.mark.timeout(600)
