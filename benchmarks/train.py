@@ -66,7 +66,7 @@ def baseline_train(splits: dict, cfg, cpus: int, gpu: bool, stats: dict) -> int:
     torch.manual_seed(0)
     device = torch.device("cuda" if gpu else "cpu")
     size, b = cfg.data.image_size, cfg.train.batch_size
-    model = models.build_model(cfg.model.arch, 10).to(device)
+    model = models.build_model(cfg.model.arch, 10, cfg.model.dropout).to(device)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
