@@ -7,20 +7,12 @@ ends, instead of an actor pool and a split coordinator per epoch. It is delivere
 order, so a rank's batches are a function of the config alone. With ``augment.device``
 cuda/worker the batches hold encoded bytes, decoded and augmented here (:class:`BatchInput`).
 
-Ray Data's executor runs in a :class:`StreamFeeder` actor next to the rank, not in the
-rank: while the stream is ahead of training (the usual case) the executor's scheduling
-loop polls without sleeping (Ray 2.60 waits in ``ray.wait`` only while one of its tasks
-runs). In the rank's process that thread held the GIL against the training thread and
-took a core: on 2 CPUs with 2 ranks, 7.1 of every 15 CPU-s of each rank went to it and
-6.4 to training (per-thread CPU time from ``/proc``, 20k benchmark, epoch 1). When
-training on CPU the feeder runs at the idle scheduling class (Linux ``SCHED_IDLE``;
-nice 19 elsewhere): its polling gets the CPU only when nothing else wants it. Ray runs
-its workers at nice 15, so nice 19 alone still left the two feeders ~25% of a core each.
+Ray Data's executor runs in a :class:`pipeline.training.feed.StreamFeeder` actor next
+to the rank, not in the rank (see that module for why).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -28,15 +20,13 @@ from typing import Any
 
 import numpy as np
 import ray
-import ray.data
 import ray.train
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import config, storage, transforms
+from pipeline import transforms
 from pipeline.config import Config
-from pipeline.data import stream
-from pipeline.ops.runtime import augment_pool
+from pipeline.training.feed import StreamFeeder
 from pipeline.training.state import RunSpec
 
 VAL_BATCH = 256  # images per val batch
@@ -69,43 +59,6 @@ class BatchInput:
         return transforms.to_input(images, self.mean, self.std, self.device, self.channels_last)
 
 
-def _stream(spec: RunSpec, rank: int, world: int, first_epoch: int, skip: int) -> ray.data.Dataset:
-    """This rank's training rows from ``first_epoch`` (position ``skip``) to the end,
-    decoded and augmented by its actor pool unless the worker augments."""
-    cfg = spec.config
-    ds = stream.train_stream(spec.manifest, cfg.train.seed, rank, world, first_epoch, cfg.train.epochs, skip)
-    pool = augment_pool(cfg, world, ray.cluster_resources().get("CPU", 1.0))
-    if pool.actors:
-        ds = ds.map_batches(
-            transforms.AugmentBatch, fn_constructor_kwargs={"cfg": config.to_dict(cfg)["augment"],
-                                                             "size": cfg.data.image_size, "seed": cfg.train.seed},
-            compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus_per_actor,
-            batch_size=cfg.augment.batch_size)
-    return stream.ordered(ds, cpu_limit=pool.cpu_limit)
-
-
-@ray.remote(num_cpus=0)
-class StreamFeeder:
-    """Runs one rank's training stream (Ray Data's executor) in its own process and hands
-    the rank its ``(epoch, batch)`` items in stream order, one per call (see the module
-    doc for why not in the rank). Lives as long as the rank's handle: an actor dies with
-    the worker that created it, so a killed rank takes its feeder along."""
-
-    def __init__(self, spec: RunSpec, rank: int, world: int, first_epoch: int, skip: int, idle: bool) -> None:
-        storage.configure(config.storage_options(spec.config))  # the stream's readers get these options
-        if idle:  # for this thread and the threads it starts (the executor's)
-            if hasattr(os, "sched_setscheduler"):
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            else:
-                os.nice(19)
-        blocks = _stream(spec, rank, world, first_epoch, skip).iter_batches(batch_size=None, batch_format="numpy")
-        self.items = stream.epoch_batches(blocks, spec.config.train.batch_size)
-
-    def next(self) -> tuple[int, dict[str, np.ndarray]] | None:
-        """The next item; None at the end of the stream."""
-        return next(self.items, None)
-
-
 class TrainBatches:
     """This rank's training batches for the rest of the run, one epoch at a time."""
 
@@ -114,8 +67,8 @@ class TrainBatches:
         self.decoded = cfg.augment.device == "cpu"
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         idle = not cfg.train.use_gpu  # CPU ranks compete with it for the cores; GPU ranks hardly do
-        self.feeder = StreamFeeder.options(scheduling_strategy=here).remote(spec, rank, world, first_epoch,
-                                                                              skip, idle)
+        self.feeder = StreamFeeder.options(scheduling_strategy=here).remote(cfg, spec.manifest, rank, world,
+                                                                              first_epoch, skip, idle)
         self.calls = deque(self.feeder.next.remote() for _ in range(FEEDER_CALLS_AHEAD))
         self.ahead: tuple[int, dict[str, Any]] | None = None
 
