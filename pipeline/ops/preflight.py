@@ -117,8 +117,8 @@ def train_request(cfg: Config, cluster_cpus: float) -> Request:
              cpu_key=f"train.num_workers={t.num_workers} x {per_key}",
              gpu_key="train.use_gpu=true"),
     ]
-    # each rank's own stream: its augment actors and read tasks, within its share of
-    # what the workers leave (at least one actor and one read task must fit)
+    # each rank's own stream: its augment actors and its reader actor, within its share
+    # of what the workers leave (at least one augment actor and the reader must fit)
     pool = augment_pool(cfg, t.num_workers, cluster_cpus)
     if pool.actors:
         parts.append(Part(t.num_workers * pool.actors, "augment actor", pool.cpus_per_actor,
@@ -126,7 +126,7 @@ def train_request(cfg: Config, cluster_cpus: float) -> Request:
                                   f"{pool.cpus_per_actor:g} CPU each"))
     reads = max(READ_TASK_CPUS, pool.cpu_limit - pool.actors * pool.cpus_per_actor)
     parts.append(Part(t.num_workers, "read share", round(reads, 2),
-                      cpu_key=f"read tasks of {READ_TASK_CPUS:g} CPU, per rank"))
+                      cpu_key=f"a reader actor of {READ_TASK_CPUS:g} CPU per rank, in its stream's share"))
     nbytes, note = _store_note("augment.batch_size", a.batch_size, cfg.data.image_size,
                                t.num_workers * pool.actors + t.num_workers)
     return Request(parts, nbytes, f"augment.batch_size={a.batch_size} at data.image_size="
